@@ -1,0 +1,5 @@
+import sys
+
+from .quant_core.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compute kernels for LowBit layers: Triton kernels with plain-torch twins, chosen in `dispatch`."""

@@ -1,0 +1,12 @@
+"""ComfyUI nodes (V3 schema). UI only: the math lives in quant_core and kernels."""
+from comfy_api.latest import ComfyExtension, io
+
+from .info import LowBitModelInfo
+from .load import LowBitLoadQuantizedUNet
+from .quantize import LowBitQuantizeUNet
+from .save import LowBitSaveQuantizedUNet
+
+
+class LowBitExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LowBitLoadQuantizedUNet, LowBitQuantizeUNet, LowBitSaveQuantizedUNet, LowBitModelInfo]

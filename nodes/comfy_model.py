@@ -1,0 +1,119 @@
+"""Glue between LowBit's quantized layers and ComfyUI's model objects (no quantization math here).
+
+A LowBit MODEL is a stock ComfyUI BaseModel/ModelPatcher whose selected Linear/Conv2d modules are
+LowBit layers. The model is built with ComfyUI's own config detection, run on the layers' *logical* shapes,
+so it is exactly the model ComfyUI would build for the fp16 UNet; the Linear/Conv2d weights are created
+on the meta device and never allocated in full precision.
+"""
+import copy
+
+import torch
+
+import comfy.lora
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+
+from ..quant_core.api import set_submodule
+from ..quant_core.arch import detect_unet_config
+from ..quant_core.errors import LowBitError, UnsupportedModelError
+from ..quant_core.qlayers import QuantizedLayer
+from ..quant_core.selection import select_layers
+
+LOWBIT_ATTR = "lowbit_info"  # set on the BaseModel: method, method_config, arch, unet_config
+
+
+def _meta_weight_ops(base):
+    """An operations class like `base` whose Linear/Conv2d start on the meta device (filled in later)."""
+    class MetaWeightOps(base):
+        class Linear(base.Linear):
+            def __init__(self, *args, device=None, **kwargs):
+                super().__init__(*args, device="meta", **kwargs)
+
+        class Conv2d(base.Conv2d):
+            def __init__(self, *args, device=None, **kwargs):
+                super().__init__(*args, device="meta", **kwargs)
+    return MetaWeightOps
+
+
+def logical_state_dict(layers: dict, dense: dict) -> dict:
+    """Meta tensors with the shapes the fp16 UNet would have (what ComfyUI's detection reads)."""
+    sd = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in dense.items()}
+    for name, layer in layers.items():
+        sd[f"{name}.weight"] = torch.empty(layer.weight_shape, dtype=layer.weight_dtype, device="meta")
+        if layer.bias is not None:
+            sd[f"{name}.bias"] = torch.empty(layer.bias.shape, dtype=layer.bias.dtype, device="meta")
+    return sd
+
+
+def build_model(layers: dict, dense: dict, lowbit_info: dict, model_config=None):
+    """ModelPatcher of an SDXL-family model made of LowBit `layers` and `dense` tensors."""
+    logical = logical_state_dict(layers, dense)
+    if model_config is None:
+        model_config = comfy.model_detection.model_config_from_unet(logical, "")
+        if model_config is None:
+            raise UnsupportedModelError("ComfyUI does not recognise this UNet's architecture; the file is not a "
+                                        "supported SDXL model")
+    model_config = copy.deepcopy(model_config)  # never touch the config of another MODEL
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    unet_dtype = comfy.model_management.unet_dtype(model_params=sum(t.numel() for t in logical.values()),
+                                                   supported_dtypes=model_config.supported_inference_dtypes)
+    manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device,
+                                                          model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast)
+    model_config.custom_operations = _meta_weight_ops(
+        comfy.ops.pick_operations(unet_dtype, manual_cast, load_device=load_device))
+    model = model_config.get_model(logical, "")
+    unet = model.diffusion_model
+    for name, layer in layers.items():
+        set_submodule(unet, name, layer)
+    fp = {k: (v.to(unet_dtype) if v.is_floating_point() else v) for k, v in dense.items()}
+    unet.load_state_dict(fp, strict=False, assign=True)
+    missing = [k for k, v in list(unet.named_parameters()) + list(unet.named_buffers()) if v.is_meta]
+    if missing:
+        raise LowBitError(f"the quantized UNet lacks {len(missing)} tensors (e.g. {missing[:3]}); the file is "
+                          "incomplete: re-create it")
+    setattr(model, LOWBIT_ATTR, dict(lowbit_info))
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def check_sdxl_model(model_patcher) -> dict:
+    """unet_config facts of an SDXL-family MODEL; rejects other families and already-quantized MODELs."""
+    unet = model_patcher.model.diffusion_model
+    if any(isinstance(m, QuantizedLayer) for m in unet.modules()):
+        raise LowBitError("this MODEL is already LowBit-quantized; connect the original (fp16) MODEL instead")
+    return detect_unet_config(unet.state_dict())
+
+
+def unet_tensor(model_patcher, key: str, tensor: torch.Tensor, with_patches: bool) -> torch.Tensor:
+    """A UNet tensor as stored (never a weight patched in place by a loaded MODEL), optionally with the
+    MODEL's weight patches (e.g. LoRA) applied to a copy."""
+    full = f"diffusion_model.{key}"
+    if full in model_patcher.backup:
+        tensor = model_patcher.backup[full].weight
+    if with_patches and full in model_patcher.patches:
+        patched = comfy.lora.calculate_weight(model_patcher.patches[full], tensor.detach().float().clone(), full)
+        tensor = patched.to(tensor.dtype)
+    return tensor
+
+
+def source_layers(model_patcher) -> dict:
+    """name -> Linear/Conv2d of the MODEL's selected layers holding the weights to quantize (patches such as
+    LoRA baked in, so the quantized model matches what the MODEL computed)."""
+    layers = {}
+    for name, module in select_layers(model_patcher.model.diffusion_model).items():
+        weight = unet_tensor(model_patcher, f"{name}.weight", module.weight, with_patches=True)
+        if weight is not module.weight:
+            module = copy.deepcopy(module)
+            module.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        layers[name] = module
+    return layers
+
+
+def dense_state(model_patcher, skip: dict, with_patches: bool) -> dict:
+    """The MODEL's UNet tensors outside the layers in `skip` (those stay 16-bit)."""
+    unet = model_patcher.model.diffusion_model
+    return {k: unet_tensor(model_patcher, k, v, with_patches) for k, v in unet.state_dict().items()
+            if k.rsplit(".", 1)[0] not in skip}

@@ -1,0 +1,66 @@
+"""Quantize SDXL UNets straight from checkpoint files (no model code needed for data-free methods)."""
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .api import quantize_layers_of
+from .arch import CHECKPOINT_PREFIX, conv_geometry, detect_unet_config, unet_state_dict
+from .errors import FileFormatError
+from .fileformat import file_tensors, make_header, read_safetensors_header
+from .methods import method_for_config
+from .selection import is_selected_name
+
+
+def read_unet_state_dict(path) -> dict:
+    """UNet tensors of a safetensors checkpoint or bare UNet file (only those are read from disk)."""
+    st = read_safetensors_header(path)
+    keys = [k for k in st if k != "__metadata__"]
+    has_prefix = any(k.startswith(CHECKPOINT_PREFIX) for k in keys)
+    wanted = [k for k in keys if k.startswith(CHECKPOINT_PREFIX)] if has_prefix else keys
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            sd = {k: f.get_tensor(k) for k in wanted}
+    except Exception as e:
+        raise FileFormatError(f"{os.fspath(path)}: cannot read tensors ({e}); the file is corrupt") from None
+    return unet_state_dict(sd)
+
+
+def layer_modules(sd: dict) -> dict:
+    """name -> nn.Linear / nn.Conv2d holding the weights of the selected layers of a UNet state dict."""
+    layers = {}
+    for key in sorted(sd):
+        if not key.endswith(".weight"):
+            continue
+        name, w = key[: -len(".weight")], sd[key]
+        if not is_selected_name(name) or w.dim() not in (2, 4):
+            continue
+        bias = sd.get(name + ".bias")
+        if w.dim() == 2:
+            m = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+        else:
+            m = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=bias is not None, device="meta",
+                          **conv_geometry(name, w.shape))
+        m.weight = nn.Parameter(w, requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias, requires_grad=False)
+        layers[name] = m
+    return layers
+
+
+def quantize_checkpoint(path, config, progress=None) -> tuple[dict, dict]:
+    """(tensors, header) of the LowBit file for the UNet in `path` (data-free methods)."""
+    sd = read_unet_state_dict(path)
+    unet_config = detect_unet_config(sd)
+    for key, t in sd.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FileFormatError(f"{os.fspath(path)}: UNet tensor '{key}' holds NaN/inf; the checkpoint is broken")
+    layers = layer_modules(sd)
+    qlayers = quantize_layers_of(None, layers, config, progress=progress)
+    dense = {k: t for k, t in sd.items() if k.rsplit(".", 1)[0] not in qlayers}
+    tensors, table = file_tensors(qlayers, dense)
+    method = method_for_config(config)
+    header = make_header(unet_config.pop("arch"), method.name, method.describe(config), unet_config, table,
+                         model_type="v_prediction" if "v_pred" in sd else "eps")
+    return tensors, header

@@ -1,0 +1,223 @@
+"""The LowBit file: one .safetensors holding a quantized SDXL UNet.
+
+Tensors: for each quantized layer `<layer>.<packed tensor>` (per its layout) and `<layer>.bias`; every other
+UNet tensor under its own key (16-bit). Keys are relative to the diffusion model (ComfyUI layout).
+Metadata: `lowbit` = JSON header (see README "File format"): format_version, arch, method, method_config,
+unet_config, layers {name: {kind, layout, params, weight_shape, weight_dtype, bias, conv?}}, plus extras a
+method stores (e.g. per-timestep activation parameters).
+Reading validates the container byte-by-byte before any tensor is touched, never unpickles, and rejects
+anything that is not a complete LowBit file of a version this code understands.
+"""
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import FileFormatError, LowBitError
+from .qlayers import QuantizedLayer, layer_from_header
+
+FORMAT_VERSION = 1
+META_KEY = "lowbit"
+SUPPORTED_ARCHS = ("sdxl", "sdxl-family")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_safetensors_header(path) -> dict:
+    """Parse and sanity-check a safetensors container header without loading tensors."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+                raise FileFormatError(
+                    f"{path} is a PyTorch pickle (.ckpt/.pt), not safetensors; LowBit never loads pickles: "
+                    "convert it to .safetensors first (e.g. load it in ComfyUI and save with CheckpointSave)")
+            if len(head) < 8:
+                raise FileFormatError(f"{path} is empty or truncated (under 8 bytes); re-download or re-create it")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or n > min(size - 8, 100 * 2 ** 20):
+                raise FileFormatError(f"{path} is not a safetensors file (bad header length {n}) or is truncated; "
+                                      "pass a .safetensors file written by LowBit")
+            raw = f.read(n)
+    except OSError as e:
+        raise FileFormatError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FileFormatError(f"{path} is not a safetensors file (header is not JSON); pass a .safetensors "
+                              "file written by LowBit") from None
+    data_size = size - 8 - n
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, stop = entry["data_offsets"]
+            nbytes = math.prod(entry["shape"]) * _DTYPE_BYTES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise FileFormatError(f"{path}: malformed safetensors entry for '{key}'; the file is corrupt") from None
+        if stop - begin != nbytes:
+            raise FileFormatError(f"{path}: tensor '{key}' size does not match its shape; the file is corrupt")
+        end = max(end, stop)
+    if end > data_size:
+        raise FileFormatError(f"{path} is truncated ({data_size} of {end} data bytes present); the download or "
+                              "save was interrupted: re-create the file")
+    return header
+
+
+def tensor_bytes(st_header: dict) -> dict:
+    return {k: math.prod(v["shape"]) * _DTYPE_BYTES[v["dtype"]] for k, v in st_header.items() if k != "__metadata__"}
+
+
+def read_header(path) -> dict:
+    """The LowBit header of a file, validated (version, arch, layer table)."""
+    st = read_safetensors_header(path)
+    meta = st.get("__metadata__") or {}
+    if META_KEY not in meta:
+        raise FileFormatError(
+            f"{os.fspath(path)} is a safetensors file but not a LowBit file (no '{META_KEY}' metadata); for a "
+            "regular checkpoint use the stock loaders, or quantize it with LowBitQuantizeUNet / "
+            "`python -m lowbit quantize`")
+    try:
+        header = json.loads(meta[META_KEY])
+    except json.JSONDecodeError:
+        raise FileFormatError(f"{os.fspath(path)}: LowBit header is not valid JSON; the file is corrupt") from None
+    version = header.get("format_version")
+    if not isinstance(version, int):
+        raise FileFormatError(f"{os.fspath(path)}: LowBit header has no integer format_version; the file is corrupt")
+    if version > FORMAT_VERSION:
+        raise FileFormatError(f"{os.fspath(path)} uses LowBit format version {version}, this LowBit reads up to "
+                              f"{FORMAT_VERSION}: update the LowBit pack")
+    if version < 1:
+        raise FileFormatError(f"{os.fspath(path)}: unknown LowBit format version {version}; re-create the file")
+    if header.get("arch") not in SUPPORTED_ARCHS:
+        raise FileFormatError(f"{os.fspath(path)}: architecture {header.get('arch')!r} is not supported "
+                              f"({', '.join(SUPPORTED_ARCHS)}); this file is not an SDXL LowBit file")
+    if not isinstance(header.get("layers"), dict):
+        raise FileFormatError(f"{os.fspath(path)}: LowBit header has no layer table; the file is corrupt")
+    return header
+
+
+@dataclass
+class LowBitFile:
+    header: dict
+    layers: dict = field(default_factory=dict)   # name -> QuantizedLayer
+    dense: dict = field(default_factory=dict)    # key -> tensor (16-bit rest of the UNet)
+
+
+def load(path, device="cpu") -> LowBitFile:
+    """Read and validate a LowBit file; quantized layers come back as modules."""
+    header = read_header(path)
+    try:
+        tensors = load_file(os.fspath(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types
+        raise FileFormatError(f"{os.fspath(path)}: cannot read tensors ({e}); the file is corrupt") from None
+    layers = {}
+    for name, entry in sorted(header["layers"].items()):
+        prefix = name + "."
+        own = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]
+               if "." not in k[len(prefix):]}
+        layers[name] = layer_from_header(entry, own, where=f"{os.fspath(path)}: layer {name}")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FileFormatError(f"{os.fspath(path)}: tensor '{key}' holds NaN/inf; re-create the file from a "
+                                  "finite model")
+    return LowBitFile(header, layers, tensors)
+
+
+def file_tensors(layers: dict, dense: dict, dense_dtype=torch.float16) -> tuple[dict, dict]:
+    """(tensors to save, header layer table) from quantized layers and the dense rest of the UNet."""
+    table, tensors = {}, {}
+    for name, m in layers.items():
+        table[name] = m.header_entry()
+        for tname, t in m.packed_tensors().items():
+            tensors[f"{name}.{tname}"] = t.detach().cpu().contiguous()
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().to("cpu", dense_dtype).contiguous()
+    for key, t in dense.items():
+        t = t.detach().cpu()
+        tensors[key] = (t.to(dense_dtype) if t.is_floating_point() else t).contiguous().clone()
+    return tensors, table
+
+
+def unet_tensors(unet: torch.nn.Module, dense_dtype=torch.float16) -> tuple[dict, dict]:
+    """file_tensors of a UNet module whose selected layers are QuantizedLayers."""
+    layers = {name: m for name, m in unet.named_modules() if isinstance(m, QuantizedLayer)}
+    dense = {k: t for k, t in unet.state_dict().items() if k.rsplit(".", 1)[0] not in layers}
+    return file_tensors(layers, dense, dense_dtype)
+
+
+def make_header(arch: str, method: str, method_config: dict, unet_config: dict, layer_table: dict,
+                **extra) -> dict:
+    from .. import __version__
+    return {"format_version": FORMAT_VERSION, "arch": arch, "method": method, "method_config": method_config,
+            "unet_config": unet_config, "layers": layer_table, "writer": f"lowbit {__version__}", **extra}
+
+
+def save(path, tensors: dict, header: dict, overwrite: bool = False) -> str:
+    """Write atomically (temp file + rename in the same folder); refuse to replace unless overwrite."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise LowBitError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite)")
+    header = dict(header, format_version=FORMAT_VERSION)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LowBitError(f"tensor '{key}' holds NaN/inf: the model is broken; nothing was written")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, sort_keys=True)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def summarize(path) -> dict:
+    """What `python -m lowbit info` prints: sizes and bits/weight counted from the stored tensors."""
+    st = read_safetensors_header(path)
+    header = read_header(path)
+    sizes = tensor_bytes(st)
+    shapes = {k: v["shape"] for k, v in st.items() if k != "__metadata__"}
+    q_bytes = q_weights = 0
+    logical_params = 0
+    for name, entry in header["layers"].items():
+        n = math.prod(entry["weight_shape"])
+        q_weights += n
+        logical_params += n
+        q_bytes += sum(b for k, b in sizes.items() if k.startswith(name + ".") and k != f"{name}.bias")
+    logical_params += sum(math.prod(s) for k, s in shapes.items()
+                          if k.rsplit(".", 1)[0] not in header["layers"] or k.endswith(".bias"))
+    return {"format_version": header["format_version"], "arch": header["arch"], "method": header.get("method"),
+            "method_config": header.get("method_config"), "layouts": sorted({e["layout"] for e in header["layers"].values()}),
+            **size_summary(q_weights, q_bytes, logical_params, sum(sizes.values()), len(header["layers"]))}
+
+
+def size_summary(quantized_params: int, quantized_bytes: int, total_params: int, total_bytes: int,
+                 quantized_layers: int) -> dict:
+    """Bits/weight over quantized weights (every packed tensor counted) and sizes against fp16."""
+    return {"bits_per_weight": round(8 * quantized_bytes / quantized_params, 4) if quantized_params else None,
+            "quantized_layers": quantized_layers, "quantized_params": quantized_params,
+            "total_params": total_params, "total_bytes": total_bytes, "fp16_bytes": 2 * total_params}
+
+
+def module_summary(unet: torch.nn.Module) -> dict:
+    """size_summary of an in-memory UNet (same numbers `summarize` gives for its saved file)."""
+    layers = {name: m for name, m in unet.named_modules() if isinstance(m, QuantizedLayer)}
+    q_params = sum(math.prod(m.weight_shape) for m in layers.values())
+    q_bytes = sum(m.packed_bytes() for m in layers.values())
+    dense = [t for k, t in unet.state_dict().items() if k.rsplit(".", 1)[0] not in layers or k.endswith(".bias")]
+    dense_params = sum(t.numel() for t in dense)
+    dense_bytes = sum(t.numel() * min(t.element_size(), 2) if t.is_floating_point() else t.numel() * t.element_size()
+                      for t in dense)  # saved as 16-bit
+    return size_summary(q_params, q_bytes, q_params + dense_params, q_bytes + dense_bytes, len(layers))

@@ -1,0 +1,102 @@
+"""Asymmetric integer layout: w = (q - zero) * scale per output row and group of K entries.
+
+Tensors: `qweight` uint8 [out, K*bits/8] (bit-packed, two int4 per byte), `scale` fp16 [out, G],
+`zero` uint8 [out, G] with G = ceil(K / group_size); group_size 0 means one group per row
+(per-output-channel). The last group of a row may be shorter when group_size does not divide K.
+"""
+import math
+from typing import Mapping
+
+import torch
+
+from ..errors import FileFormatError
+from ..packing import pack_bits, packed_size, unpack_bits
+from . import Layout, register_layout
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == 0 else math.ceil(in_features / group_size)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, K] -> [out, G, g], zero-padded at the end of each row."""
+    out, k = w.shape
+    g = k if group_size == 0 else group_size
+    n_groups = math.ceil(k / g)
+    if n_groups * g != k:
+        w = torch.nn.functional.pad(w, (0, n_groups * g - k))
+    return w.reshape(out, n_groups, g)
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16-representable) and integer zero point for ranges [lo, hi] that contain 0."""
+    qmax = 2 ** bits - 1
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float16).float()
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return scale, zero
+
+
+def quantize_int_affine(w: torch.Tensor, bits: int, group_size: int, range_search: bool = False) -> dict:
+    """Round-to-nearest min-max quantization of a [out, K] matrix.
+
+    range_search: per group, try shrinking the range (20 factors down to 0.5) and keep the one with the
+    lowest squared error, the MSE-searched clipping of scalar PTQ methods.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise FileFormatError(f"unsupported bit width {bits}; choose one of {SUPPORTED_BITS}")
+    out, k = w.shape
+    wg = _grouped(w.float(), group_size)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    qmax = 2 ** bits - 1
+
+    def rounded(scale, zero):
+        q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, qmax)
+        return q, (q - zero[..., None]) * scale[..., None]
+
+    scale, zero = affine_params(lo, hi, bits)
+    q, deq = rounded(scale, zero)
+    if range_search:
+        best_err = (deq - wg).pow(2).sum(-1)
+        for shrink in torch.linspace(0.975, 0.5, 19).tolist():
+            s2, z2 = affine_params(lo * shrink, hi * shrink, bits)
+            q2, deq2 = rounded(s2, z2)
+            err = (deq2 - wg).pow(2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale, zero = torch.where(better, s2, scale), torch.where(better, z2, zero)
+            q = torch.where(better[..., None], q2, q)
+    q = q.reshape(out, -1)[:, :k].to(torch.uint8)
+    return {"qweight": pack_bits(q, bits), "scale": scale.to(torch.float16), "zero": zero.to(torch.uint8)}
+
+
+@register_layout
+class IntAffine(Layout):
+    name = "int_affine"
+
+    @classmethod
+    def check_params(cls, params: Mapping) -> None:
+        bits, group = params.get("bits"), params.get("group_size")
+        if bits not in SUPPORTED_BITS or not isinstance(group, int) or group < 0 or group % 8:
+            raise FileFormatError(f"int_affine: invalid params {dict(params)}; bits must be one of "
+                                  f"{SUPPORTED_BITS} and group_size 0 or a multiple of 8")
+
+    @classmethod
+    def tensor_specs(cls, params, out_features, in_features):
+        bits, g = params["bits"], params["group_size"]
+        n_groups = num_groups(in_features, g)
+        return {"qweight": ((out_features, packed_size(in_features, bits)), torch.uint8),
+                "scale": ((out_features, n_groups), torch.float16),
+                "zero": ((out_features, n_groups), torch.uint8)}
+
+    @classmethod
+    def dequantize(cls, tensors, params, out_features, in_features):
+        bits, g = params["bits"], params["group_size"]
+        q = unpack_bits(tensors["qweight"], bits, in_features).float()
+        qg = _grouped(q, g)
+        w = (qg - tensors["zero"].float()[..., None]) * tensors["scale"].float()[..., None]
+        return w.reshape(out_features, -1)[:, :in_features]

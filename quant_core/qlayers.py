@@ -1,0 +1,132 @@
+"""Quantized Linear / Conv2d modules.
+
+They hold the packed tensors of one layout as buffers (so `state_dict()` and memory accounting see the
+true, small size) and report the logical weight shape and dtype of the layer they replace. The forward
+goes through lowbit.kernels.dispatch, the one place that picks a fast kernel or the torch reference.
+"""
+import math
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from .layouts import get_layout, validate_tensors
+
+
+class QuantizedLayer(nn.Module):
+    """Common part of LowBitLinear / LowBitConv2d."""
+
+    kind: str
+
+    def __init__(self, layout: str, params: Mapping, weight_shape, weight_dtype: torch.dtype,
+                 tensors: Mapping[str, torch.Tensor], bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.layout = get_layout(layout)
+        self.params = dict(params)
+        self.weight_shape = torch.Size(weight_shape)
+        self.weight_dtype = weight_dtype
+        self.out_features = self.weight_shape[0]
+        self.in_features = math.prod(self.weight_shape[1:])  # K of the matrix view
+        validate_tensors(self.layout, self.params, self.out_features, self.in_features, tensors,
+                         where=type(self).__name__)
+        self.tensor_names = tuple(self.layout.tensor_specs(self.params, self.out_features, self.in_features))
+        for name in self.tensor_names:
+            self.register_buffer(name, tensors[name])
+        self.register_buffer("bias", bias)
+
+    def packed_tensors(self) -> dict:
+        return {name: getattr(self, name) for name in self.tensor_names}
+
+    def dequantize_matrix(self, dtype=torch.float32) -> torch.Tensor:
+        """Dense [out, K] matrix view (reference path)."""
+        w = self.layout.dequantize(self.packed_tensors(), self.params, self.out_features, self.in_features)
+        return w.to(dtype)
+
+    def dequantize_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """Dense weight in the logical shape of the original layer."""
+        raise NotImplementedError
+
+    def packed_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.packed_tensors().values())
+
+    def header_entry(self) -> dict:
+        """What the file header records for this layer (everything but the tensors)."""
+        return {"kind": self.kind, "layout": self.layout.name, "params": self.params,
+                "weight_shape": list(self.weight_shape), "weight_dtype": str(self.weight_dtype).split(".")[-1],
+                "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"{self.layout.name} {self.params} weight_shape={tuple(self.weight_shape)}"
+
+
+class LowBitLinear(QuantizedLayer):
+    kind = "linear"
+
+    def dequantize_weight(self, dtype=torch.float32):
+        return self.dequantize_matrix(dtype)
+
+    def forward(self, x):
+        from ..kernels import dispatch
+        return dispatch.linear(x, self)
+
+
+class LowBitConv2d(QuantizedLayer):
+    kind = "conv2d"
+
+    def __init__(self, layout, params, weight_shape, weight_dtype, tensors, bias, stride=(1, 1),
+                 padding=(0, 0), dilation=(1, 1)):
+        super().__init__(layout, params, weight_shape, weight_dtype, tensors, bias)
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+
+    def dequantize_weight(self, dtype=torch.float32):
+        out, cin, kh, kw = self.weight_shape
+        # matrix view is [out, kh, kw, in]: back to PyTorch's [out, in, kh, kw]
+        return self.dequantize_matrix(dtype).reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+
+    def header_entry(self):
+        entry = super().header_entry()
+        entry["conv"] = {"stride": list(self.stride), "padding": list(self.padding),
+                         "dilation": list(self.dilation)}
+        return entry
+
+    def forward(self, x):
+        from ..kernels import dispatch
+        return dispatch.conv2d(x, self)
+
+
+def matrix_view(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] stays; Conv2d [out, in, kh, kw] -> [out, kh*kw*in] (groups of K = input channels at a tap)."""
+    if weight.dim() == 4:
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return weight
+
+
+def make_quantized_layer(module: nn.Module, layout: str, params: Mapping, tensors: Mapping) -> QuantizedLayer:
+    """Build the quantized replacement of an nn.Linear / nn.Conv2d from its packed tensors."""
+    bias = None if module.bias is None else module.bias.detach().clone()
+    if isinstance(module, nn.Conv2d):
+        return LowBitConv2d(layout, params, module.weight.shape, module.weight.dtype, tensors, bias,
+                            module.stride, module.padding, module.dilation)
+    return LowBitLinear(layout, params, module.weight.shape, module.weight.dtype, tensors, bias)
+
+
+def layer_from_header(entry: Mapping, tensors: Mapping[str, torch.Tensor], where: str) -> QuantizedLayer:
+    """Rebuild a quantized layer from its header entry and stored tensors (validated)."""
+    from .errors import FileFormatError
+    dtype = getattr(torch, str(entry.get("weight_dtype")), None)
+    kind = entry.get("kind")
+    if not isinstance(dtype, torch.dtype) or kind not in ("linear", "conv2d"):
+        raise FileFormatError(f"{where}: bad layer entry {dict(entry)}; the file is corrupt: re-create it")
+    bias = tensors.get("bias") if entry.get("bias") else None
+    if entry.get("bias") and bias is None:
+        raise FileFormatError(f"{where}: bias missing; the file is incomplete: re-create it")
+    try:
+        if kind == "conv2d":
+            conv = entry["conv"]
+            return LowBitConv2d(entry["layout"], entry["params"], entry["weight_shape"], dtype, tensors, bias,
+                                conv["stride"], conv["padding"], conv["dilation"])
+        return LowBitLinear(entry["layout"], entry["params"], entry["weight_shape"], dtype, tensors, bias)
+    except FileFormatError as e:
+        raise FileFormatError(f"{where}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"{where}: bad layer entry ({e}); the file is corrupt: re-create it") from None
