@@ -103,7 +103,8 @@ def matrix_view(weight: torch.Tensor) -> torch.Tensor:
 
 def make_quantized_layer(module: nn.Module, layout: str, params: Mapping, tensors: Mapping) -> QuantizedLayer:
     """Build the quantized replacement of an nn.Linear / nn.Conv2d from its packed tensors."""
-    bias = None if module.bias is None else module.bias.detach().clone()
+    # bias kept in 16-bit, as saved, so an in-memory model and its reloaded file compute the same
+    bias = None if module.bias is None else module.bias.detach().to(torch.float16)
     if isinstance(module, nn.Conv2d):
         return LowBitConv2d(layout, params, module.weight.shape, module.weight.dtype, tensors, bias,
                             module.stride, module.padding, module.dilation)

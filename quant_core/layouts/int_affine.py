@@ -36,7 +36,10 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float16).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # round to the stored fp16 value, upwards, so the grid still spans [lo, hi]
+    s16 = scale.to(torch.float16)
+    scale = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, torch.inf)), s16).float()
     zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
     return scale, zero
 
@@ -44,7 +47,7 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.
 def quantize_int_affine(w: torch.Tensor, bits: int, group_size: int, range_search: bool = False) -> dict:
     """Round-to-nearest min-max quantization of a [out, K] matrix.
 
-    range_search: per group, try shrinking the range (20 factors down to 0.5) and keep the one with the
+    range_search: per group, try shrinking the range (factors 0.975 down to 0.25) and keep the one with the
     lowest squared error, the MSE-searched clipping of scalar PTQ methods.
     """
     if bits not in SUPPORTED_BITS:
@@ -62,7 +65,7 @@ def quantize_int_affine(w: torch.Tensor, bits: int, group_size: int, range_searc
     q, deq = rounded(scale, zero)
     if range_search:
         best_err = (deq - wg).pow(2).sum(-1)
-        for shrink in torch.linspace(0.975, 0.5, 19).tolist():
+        for shrink in torch.linspace(0.975, 0.25, 30).tolist():
             s2, z2 = affine_params(lo * shrink, hi * shrink, bits)
             q2, deq2 = rounded(s2, z2)
             err = (deq2 - wg).pow(2).sum(-1)

@@ -1,0 +1,130 @@
+"""Writes every shipped workflow twice from one description: UI format (workflows/NAME.json, loads in the
+ComfyUI template browser) and API format (workflows/api/NAME.json, what the tests POST to /prompt).
+
+Run `python scripts/make_workflows.py` after editing a graph below; the tests compare the files with this
+output, so a hand edit of one twin that is not made here fails.
+"""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# node type -> (link inputs [(name, type)], widget names in UI order, outputs [(name, type)])
+SOCKETS = {
+    "CheckpointLoaderSimple": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], ["text"], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], ["width", "height", "batch_size"], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")],
+                 ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+                 [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
+    "Note": ([], ["text"], []),
+    "LowBitQuantizeUNet": ([("model", "MODEL")], ["method", "bits", "group_size"], [("MODEL", "MODEL")]),
+    "LowBitSaveQuantizedUNet": ([("model", "MODEL")], ["filename_prefix"], [("path", "STRING")]),
+    "LowBitLoadQuantizedUNet": ([], ["unet_name"], [("MODEL", "MODEL")]),
+    "LowBitModelInfo": ([("model", "MODEL")], [], [("report", "STRING")]),
+}
+UI_ONLY_WIDGETS = {"control_after_generate"}
+UI_ONLY_TYPES = {"Note"}
+
+
+def node(nid, type_, pos, widgets=None, links=None, title=None):
+    return {"id": nid, "type": type_, "pos": pos, "widgets": widgets or {}, "links": links or {}, "title": title}
+
+
+def ui_workflow(nodes):
+    links, link_id, out_links = [], 0, {}
+    for n in nodes:
+        for inp, (src, slot) in n["links"].items():
+            link_id += 1
+            typ = dict(SOCKETS[n["type"]][0])[inp]
+            to_slot = [name for name, _ in SOCKETS[n["type"]][0]].index(inp)
+            links.append([link_id, src, slot, n["id"], to_slot, typ])
+            out_links.setdefault((src, slot), []).append(link_id)
+    ui_nodes = []
+    for order, n in enumerate(nodes):
+        ins, widgets, outs = SOCKETS[n["type"]]
+        link_of = {l[4]: l[0] for l in links if l[3] == n["id"]}
+        entry = {
+            "id": n["id"], "type": n["type"], "pos": n["pos"], "size": [320, 110 + 26 * len(widgets)],
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": typ, "link": link_of.get(i)} for i, (name, typ) in enumerate(ins)],
+            "outputs": [{"name": name, "type": typ, "slot_index": i, "links": out_links.get((n["id"], i), [])}
+                        for i, (name, typ) in enumerate(outs)],
+            "properties": {"Node name for S&R": n["type"]},
+            "widgets_values": [n["widgets"][w] for w in widgets],
+        }
+        if n["title"]:
+            entry["title"] = n["title"]
+        ui_nodes.append(entry)
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": link_id, "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def api_workflow(nodes):
+    prompt = {}
+    for n in nodes:
+        if n["type"] in UI_ONLY_TYPES:
+            continue
+        inputs = {k: v for k, v in n["widgets"].items() if k not in UI_ONLY_WIDGETS}
+        inputs.update({k: [str(src), slot] for k, (src, slot) in n["links"].items()})
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs,
+                                "_meta": {"title": n["title"] or n["type"]}}
+    return prompt
+
+
+def sdxl_generate(model_link, first_id, seed=42, steps=20, size=1024, prefix="lowbit/sample"):
+    """Prompt, latent, sampler, decode and save nodes fed by `model_link` (CLIP/VAE from node 1)."""
+    i = first_id
+    return [
+        node(i, "CLIPTextEncode", [420, 80], {"text": "a photo of a red fox in the snow, detailed"}, {"clip": (1, 1)},
+             "Positive prompt"),
+        node(i + 1, "CLIPTextEncode", [420, 300], {"text": "blurry, low quality"}, {"clip": (1, 1)},
+             "Negative prompt"),
+        node(i + 2, "EmptyLatentImage", [420, 520], {"width": size, "height": size, "batch_size": 1}),
+        node(i + 3, "KSampler", [820, 200],
+             {"seed": seed, "control_after_generate": "fixed", "steps": steps, "cfg": 5.0,
+              "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+             {"model": model_link, "positive": (i, 0), "negative": (i + 1, 0), "latent_image": (i + 2, 0)}),
+        node(i + 4, "VAEDecode", [1180, 200], {}, {"samples": (i + 3, 0), "vae": (1, 2)}),
+        node(i + 5, "SaveImage", [1420, 200], {"filename_prefix": prefix}, {"images": (i + 4, 0)}),
+    ]
+
+
+WORKFLOWS = {
+    "lowbit_rtn_quantize_and_generate": [
+        node(1, "CheckpointLoaderSimple", [0, 200], {"ckpt_name": "sd_xl_base_1.0.safetensors"}),
+        node(2, "LowBitQuantizeUNet", [0, 420], {"method": "rtn", "bits": 4, "group_size": 128},
+             {"model": (1, 0)}),
+        *sdxl_generate((2, 0), 3, prefix="lowbit/rtn_w4"),
+        node(9, "LowBitSaveQuantizedUNet", [420, 760], {"filename_prefix": "lowbit/sdxl_rtn_w4g128"},
+             {"model": (2, 0)}),
+        node(10, "Note", [0, 620], {"text": (
+            "LowBit RTN: round-to-nearest 4-bit weights, one range per 128 weights (~4.19 bits/weight, "
+            "UNet ~27% of fp16). Quantizing full SDXL takes about a minute on a GPU. The save node writes "
+            "output/diffusion_models/lowbit/...; load it later with 'Load LowBit UNet'.")}),
+    ],
+}
+
+
+def main(check=False):
+    stale = []
+    for name, nodes in WORKFLOWS.items():
+        for path, data in ((ROOT / "workflows" / f"{name}.json", ui_workflow(nodes)),
+                           (ROOT / "workflows" / "api" / f"{name}.json", api_workflow(nodes))):
+            text = json.dumps(data, indent=2) + "\n"
+            if check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(str(path))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+    if stale:
+        sys.exit("stale workflow files (run python scripts/make_workflows.py): " + ", ".join(stale))
+
+
+if __name__ == "__main__":
+    main(check="--check" in sys.argv)
