@@ -66,7 +66,7 @@ def detect_unet_config(sd: dict) -> dict:
         "adm_in_channels": _shape(sd, "label_emb.0.0.weight")[1],
         "transformer_depth": depth_in,
         "transformer_depth_middle": _count_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        "transformer_depth_output": depth_out,
+        "transformer_depth_output": depth_out[::-1],  # ComfyUI lists output depths last block first
         "use_linear_in_transformer": True,
     }
     base = all(config[k] == v for k, v in SDXL_BASE.items())

@@ -57,18 +57,17 @@ def quantize_int_affine(w: torch.Tensor, bits: int, group_size: int, range_searc
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
     qmax = 2 ** bits - 1
 
-    def rounded(scale, zero):
-        q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, qmax)
-        return q, (q - zero[..., None]) * scale[..., None]
+    def codes(scale, zero):
+        return (wg / scale[..., None]).round_().add_(zero[..., None]).clamp_(0, qmax)
 
     scale, zero = affine_params(lo, hi, bits)
-    q, deq = rounded(scale, zero)
+    q = codes(scale, zero)
     if range_search:
-        best_err = (deq - wg).pow(2).sum(-1)
+        best_err = ((q - zero[..., None]) * scale[..., None] - wg).pow_(2).sum(-1)
         for shrink in torch.linspace(0.975, 0.25, 30).tolist():
             s2, z2 = affine_params(lo * shrink, hi * shrink, bits)
-            q2, deq2 = rounded(s2, z2)
-            err = (deq2 - wg).pow(2).sum(-1)
+            q2 = codes(s2, z2)
+            err = ((q2 - z2[..., None]) * s2[..., None] - wg).pow_(2).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             scale, zero = torch.where(better, s2, scale), torch.where(better, z2, zero)

@@ -1,0 +1,93 @@
+"""Foundation end to end: the RTN workflow in the real ComfyUI server on the full-size random SDXL checkpoint,
+then the same quantization in-process to measure output error and reload fidelity.
+
+Order matters (module-scoped state): the server run writes the LowBit file the later tests read.
+"""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers.fixtures import load_api_workflow
+
+pytestmark = [pytest.mark.comfy_server, pytest.mark.slow]
+W4_ANALYTIC_BITS = 4 + (16 + 8) / 128  # 4-bit codes + fp16 scale + uint8 zero per 128 weights
+STATE = {}
+
+
+def test_rtn_workflow_runs_in_real_comfyui(comfy_server):
+    prompt = load_api_workflow("lowbit_rtn_quantize_and_generate", **{
+        "1__ckpt_name": "sdxl_random.safetensors", "5__width": 64, "5__height": 64, "6__steps": 2,
+        "8__filename_prefix": "e2e/rtn", "9__filename_prefix": "e2e/sdxl_w4"})
+    history = comfy_server.run(prompt, timeout=1200)
+    images = comfy_server.output_files(history)
+    assert len(images) == 1 and images[0].stat().st_size > 0
+    saved = history["outputs"]["9"]["text"][0]
+    assert saved.endswith("_00001_.safetensors")
+    STATE["saved"] = saved
+    comfy_server.free()
+
+
+def test_info_reports_true_bits_and_size():
+    out = subprocess.run([sys.executable, "-m", "lowbit", "info", STATE["saved"]], capture_output=True, text=True,
+                         check=True)
+    info = json.loads(out.stdout)
+    assert info["format_version"] == 1 and info["arch"] == "sdxl" and info["method"] == "rtn"
+    assert abs(info["bits_per_weight"] - W4_ANALYTIC_BITS) < 0.1
+    assert info["total_bytes"] <= 0.30 * info["fp16_bytes"]
+    assert 760 <= info["quantized_layers"] <= 780
+
+
+@pytest.fixture(scope="module")
+def fp_model(sdxl_ckpt):
+    from helpers.comfy_env import import_comfy
+    import_comfy()
+    import comfy.sd
+    model = comfy.sd.load_checkpoint_guess_config(str(sdxl_ckpt), output_vae=False, output_clip=False)[0]
+    yield model
+    del model
+
+
+@pytest.fixture(scope="module")
+def unet_inputs():
+    g = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(2, 4, 8, 8, generator=g), "timesteps": torch.tensor([999.0, 400.0]),
+            "context": torch.randn(2, 77, 2048, generator=g), "y": torch.randn(2, 2816, generator=g)}
+
+
+def _unet_out(model_patcher, inputs):
+    with torch.no_grad():
+        return model_patcher.model.diffusion_model(**inputs)
+
+
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_quantized_output_error_is_bounded_and_reload_is_bit_identical(fp_model, unet_inputs, comfy_server):
+    from lowbit.nodes.load import LowBitLoadQuantizedUNet
+    from lowbit.nodes.quantize import LowBitQuantizeUNet
+    import folder_paths
+    ref = _unet_out(fp_model, unet_inputs)
+    assert torch.isfinite(ref).all()
+
+    w4 = LowBitQuantizeUNet.execute(fp_model, "rtn", 4, 128).result[0]
+    out_w4 = _unet_out(w4, unet_inputs)
+    err_w4 = _rel_err(out_w4, ref)
+    folder_paths.add_model_folder_path("diffusion_models", str(comfy_server.output_dir / "diffusion_models"))
+    name = STATE["saved"].split("diffusion_models/", 1)[1]
+    loaded = LowBitLoadQuantizedUNet.execute(name).result[0]
+    assert torch.equal(_unet_out(loaded, unet_inputs), out_w4)
+    del w4, loaded
+
+    w8 = LowBitQuantizeUNet.execute(fp_model, "rtn", 8, 0).result[0]
+    err_w8 = _rel_err(_unet_out(w8, unet_inputs), ref)
+    print(f"relative UNet output error: W8 per-channel {err_w8:.4%}, W4 g128 {err_w4:.4%}")
+    assert err_w8 < 0.01
+    assert err_w4 < 0.10
+    assert err_w8 < err_w4
+    # the user's MODEL is untouched
+    assert torch.equal(_unet_out(fp_model, unet_inputs), ref)

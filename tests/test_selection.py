@@ -1,0 +1,46 @@
+"""Layer selection on the full-size SDXL architecture (built on the meta device: no weights allocated)."""
+import pytest
+import torch
+
+from lowbit.quant_core.arch import detect_unet_config
+from lowbit.quant_core.selection import select_layers
+
+
+@pytest.fixture(scope="module")
+def sdxl_meta_unet():
+    from helpers.comfy_env import import_comfy
+    from helpers.fixtures import SDXL_UNET_CONFIG
+    import_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    return UNetModel(**SDXL_UNET_CONFIG, device="meta", operations=comfy.ops.disable_weight_init)
+
+
+def test_sdxl_selection_counts(sdxl_meta_unet):
+    unet = sdxl_meta_unet
+    total = sum(p.numel() for p in unet.parameters())
+    layers = select_layers(unet)
+    selected = sum(m.weight.numel() for m in layers.values())
+    linear = [m for m in layers.values() if isinstance(m, torch.nn.Linear)]
+    conv = [m for m in layers.values() if isinstance(m, torch.nn.Conv2d)]
+    assert total == pytest.approx(2.5675e9, rel=1e-3)
+    assert selected == pytest.approx(2.541e9, rel=2e-3)  # ~99% of the UNet
+    assert len(layers) == len(linear) + len(conv)
+    assert 760 <= len(layers) <= 780
+    names = set(layers)
+    assert "input_blocks.0.0" not in names and not any(n.startswith(("out.", "time_embed", "label_emb"))
+                                                       for n in names)
+    assert not any("emb_layers" in n for n in names)
+    for kept in ("input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.proj_in",
+                 "middle_block.1.transformer_blocks.9.ff.net.0.proj", "output_blocks.2.2.conv",
+                 "input_blocks.3.0.op", "input_blocks.4.0.skip_connection", "output_blocks.8.0.out_layers.3"):
+        assert kept in names, kept
+    assert all(m.weight.shape[1] % 8 == 0 for m in linear)
+
+
+def test_detect_unet_config_on_sdxl_shapes(sdxl_meta_unet):
+    config = detect_unet_config(sdxl_meta_unet.state_dict())
+    assert config["arch"] == "sdxl"
+    assert config["transformer_depth"] == [0, 0, 2, 2, 10, 10]
+    assert config["transformer_depth_middle"] == 10
+    assert config["transformer_depth_output"] == [0, 0, 0, 2, 2, 2, 10, 10, 10]
