@@ -1,14 +1,31 @@
 """The one place where a quantized layer's forward picks its implementation.
 
-Today every layout runs the torch reference (dequantize, then the dense op in the input's dtype);
-fast kernels register here per layout and are used on CUDA unless the reference is forced with
-`force_reference(True)` or the environment variable LOWBIT_FORCE_REFERENCE=1.
-"""
-import os
+Triton kernels run when the input is a CUDA tensor of a dtype they take (fp16/bf16 for the weight-only
+kernels, also fp32 for the integer path), the GPU is sm_80 or newer, Triton is importable, and the
+reference is not forced (`force_reference(True)` or the environment variable LOWBIT_FORCE_REFERENCE=1).
+Otherwise the torch reference runs: for weight-only layouts the layout's own dequantize followed by
+F.linear / F.conv2d in the input's dtype; for integer-activation layers the kernels' twins
+(lowbit.kernels.twins), which compute the same integers exactly. CPU tensors never reach Triton.
 
+Weight-only kernels per layout: Linear -> fused dequantize-and-multiply GEMM; Conv2d -> a Triton decode of
+the dense weight followed by cuDNN (whether an implicit-GEMM conv is faster is pending GPU measurement).
+"""
+import functools
+import importlib.util
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 
+from . import twins
+
 _force_reference = os.environ.get("LOWBIT_FORCE_REFERENCE", "") == "1"
+
+WEIGHT_ONLY_DTYPES = (torch.float16, torch.bfloat16)
+INT8_PATH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def force_reference(enabled: bool = True) -> None:
@@ -20,14 +37,149 @@ def reference_forced() -> bool:
     return _force_reference
 
 
+@functools.lru_cache(maxsize=None)
+def _device_supported(device_index: int) -> bool:
+    return (importlib.util.find_spec("triton") is not None
+            and torch.cuda.get_device_capability(device_index) >= (8, 0))
+
+
+def kernels_usable(x: torch.Tensor, dtypes=WEIGHT_ONLY_DTYPES) -> bool:
+    """Whether a Triton kernel may run on input x (see the module docstring)."""
+    return (not _force_reference and x.is_cuda and x.dtype in dtypes
+            and _device_supported(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+
+
 def _bias(layer, x):
     return None if layer.bias is None else layer.bias.to(x.dtype)
 
 
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K] as a 2-D [rows, K] with unit stride along K, as the kernels read it."""
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+# ---- weight-only layouts: {layout name: (fused linear, dense-weight decode)} ------------------------------
+
+def _affine_linear(x2, layer, bias):
+    from .affine_gemm import affine_linear
+    p = layer.params
+    return affine_linear(x2, layer.qweight, layer.scale, layer.zero, p["bits"], p["group_size"], bias)
+
+
+def _affine_decode(layer, dtype):
+    from .affine_gemm import affine_decode
+    p = layer.params
+    return affine_decode(layer.qweight, layer.scale, layer.zero, p["bits"], p["group_size"], layer.weight_shape,
+                         dtype)
+
+
+def _vq_linear(x2, layer, bias):
+    from .vq_gemm import vq_linear
+    return vq_linear(x2, layer.codes, layer.codebooks, layer.scales, bias)
+
+
+def _vq_decode(layer, dtype):
+    from .vq_gemm import vq_decode
+    return vq_decode(layer.codes, layer.codebooks, layer.scales, layer.weight_shape, dtype)
+
+
+WEIGHT_ONLY_KERNELS = {"int_affine": (_affine_linear, _affine_decode), "vq": (_vq_linear, _vq_decode)}
+
+
 def linear(x, layer):
+    kernels = WEIGHT_ONLY_KERNELS.get(layer.layout.name)
+    if kernels is not None and kernels_usable(x):
+        y = kernels[0](_rows(x, layer.in_features), layer, _bias(layer, x))
+        return y.reshape(*x.shape[:-1], layer.out_features)
     return F.linear(x, layer.dequantize_weight(x.dtype), _bias(layer, x))
 
 
 def conv2d(x, layer):
-    return F.conv2d(x, layer.dequantize_weight(x.dtype), _bias(layer, x), layer.stride, layer.padding,
-                    layer.dilation)
+    kernels = WEIGHT_ONLY_KERNELS.get(layer.layout.name)
+    if kernels is not None and kernels_usable(x):
+        weight = kernels[1](layer, x.dtype)
+    else:
+        weight = layer.dequantize_weight(x.dtype)
+    return F.conv2d(x, weight, _bias(layer, x), layer.stride, layer.padding, layer.dilation)
+
+
+# ---- integer activations (W8A8 / W4A8 on int_affine weights) --------------------------------------------
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How an integer-activation layer quantizes its input (asymmetric, `bits` <= 8).
+
+    scale (fp32) and zero (unsigned, in [0, 2^bits − 1]) must broadcast to [rows, G]: shape [] or [1, 1] per
+    tensor, [rows, 1] per row (pixel/token groups), [1, G] per K-group of `group_k` consecutive channels
+    (channel groups). scale None: per-row min-max computed on the fly (group_k must be 0).
+    perm: channel order the weight's K was permuted to (so channel groups are contiguous); the input is
+    gathered in that order before quantization. K is the layer's matrix-view K (Conv2d: tap-major, input
+    channel fastest).
+    """
+    bits: int = 8
+    scale: Optional[torch.Tensor] = None
+    zero: Optional[torch.Tensor] = None
+    group_k: int = 0
+    perm: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"activation bits must be 1..8, got {self.bits}")
+        if (self.scale is None) != (self.zero is None):
+            raise ValueError("activation scale and zero must be given together (or neither: dynamic per row)")
+        if self.scale is None and self.group_k:
+            raise ValueError("dynamic per-row activation quantization has no K-groups (group_k must be 0)")
+
+
+# per layer: {(group_k, device, qweight storage): int32 [N, G] weight-code sums}; dropped with the layer
+_weight_sums_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _weight_sums(layer, group_k):
+    key = (group_k, layer.qweight.device, layer.qweight.data_ptr())
+    per_layer = _weight_sums_cache.setdefault(layer, {})
+    if key not in per_layer:
+        per_layer[key] = twins.weight_sums(layer.qweight, layer.params["bits"], group_k)
+    return per_layer[key]
+
+
+def _int8_matmul(x2, layer, act: ActivationQuant, bias, out_dtype):
+    p = layer.params
+    if layer.layout.name != "int_affine" or p["group_size"] != 0:
+        raise ValueError(f"integer activations need int_affine weights with one group per output channel "
+                         f"(group_size 0); got {layer.layout.name} {p}")
+    use_kernels = kernels_usable(x2, INT8_PATH_DTYPES)
+    if use_kernels:
+        from . import act_quant as quantizer
+    else:
+        quantizer = twins
+    if act.scale is None:
+        xq, xsum, x_scale, x_zero = quantizer.quantize_dynamic_rows(x2, act.bits, act.perm)
+    else:
+        xq, xsum = quantizer.quantize_static(x2, act.scale, act.zero, act.bits, act.group_k, act.perm)
+        x_scale, x_zero = act.scale, act.zero
+    if not use_kernels:
+        return twins.int8_linear(xq, x_scale, x_zero, layer.qweight, layer.scale, layer.zero, p["bits"],
+                                 act.group_k, bias, out_dtype)
+    from .int8_gemm import int8_linear
+    return int8_linear(xq, xsum, x_scale, x_zero, layer.qweight, layer.scale, layer.zero,
+                       _weight_sums(layer, act.group_k), p["bits"], act.group_k, bias, out_dtype)
+
+
+def int8_linear(x, layer, act: ActivationQuant):
+    """Forward of an int_affine Linear with quantized activations: quantize x, integer GEMM, dequantize."""
+    y = _int8_matmul(_rows(x, layer.in_features), layer, act, _bias(layer, x), x.dtype)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def int8_conv2d(x, layer, act: ActivationQuant):
+    """Conv2d with quantized activations through an explicit im2col in matrix-view order (tap-major, input
+    channel fastest) and the integer GEMM; an implicit-GEMM int8 conv is pending GPU measurement."""
+    n_out, cin, kh, kw = layer.weight_shape
+    cols = F.unfold(x, (kh, kw), dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    batch, _, positions = cols.shape
+    rows = cols.reshape(batch, cin, kh * kw, positions).permute(0, 3, 2, 1).reshape(batch * positions, -1)
+    y = _int8_matmul(rows, layer, act, _bias(layer, x), x.dtype)
+    h_out = (x.shape[2] + 2 * layer.padding[0] - layer.dilation[0] * (kh - 1) - 1) // layer.stride[0] + 1
+    return y.reshape(batch, h_out, positions // h_out, n_out).permute(0, 3, 1, 2).contiguous()

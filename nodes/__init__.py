@@ -1,6 +1,8 @@
 """ComfyUI nodes (V3 schema). UI only: the math lives in quant_core and kernels."""
 from comfy_api.latest import ComfyExtension, io
 
+from .calibrate import LowBitCalibrate
+from .compare import LowBitCompare
 from .info import LowBitModelInfo
 from .load import LowBitLoadQuantizedUNet
 from .quantize import LowBitQuantizeUNet
@@ -9,4 +11,5 @@ from .save import LowBitSaveQuantizedUNet
 
 class LowBitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LowBitLoadQuantizedUNet, LowBitQuantizeUNet, LowBitSaveQuantizedUNet, LowBitModelInfo]
+        return [LowBitLoadQuantizedUNet, LowBitQuantizeUNet, LowBitSaveQuantizedUNet, LowBitModelInfo,
+                LowBitCalibrate, LowBitCompare]

@@ -18,6 +18,7 @@ import comfy.ops
 from ..quant_core.api import set_submodule
 from ..quant_core.arch import detect_unet_config
 from ..quant_core.errors import LowBitError, UnsupportedModelError
+from ..quant_core.fileformat import DENSE_DTYPE
 from ..quant_core.qlayers import QuantizedLayer
 from ..quant_core.selection import select_layers
 
@@ -51,10 +52,12 @@ def build_model(layers: dict, dense: dict, lowbit_info: dict, model_config=None)
     """ModelPatcher of an SDXL-family model made of LowBit `layers` and `dense` tensors."""
     logical = logical_state_dict(layers, dense)
     if model_config is None:
-        model_config = comfy.model_detection.model_config_from_unet(logical, "")
-        if model_config is None:
-            raise UnsupportedModelError("ComfyUI does not recognise this UNet's architecture; the file is not a "
-                                        "supported SDXL model")
+        # SDXL-architecture UNets of other widths (tests, the testbed) get ComfyUI's generic config
+        model_config = comfy.model_detection.model_config_from_unet(logical, "", use_base_if_no_match=True)
+        if model_config is None or (lowbit_info.get("arch") == "sdxl"
+                                    and type(model_config).__name__ not in ("SDXL", "SSD1B", "Segmind_Vega")):
+            raise UnsupportedModelError("ComfyUI does not recognise this UNet as SDXL; the file does not hold a "
+                                        "supported SDXL model: re-create it from an SDXL checkpoint")
     model_config = copy.deepcopy(model_config)  # never touch the config of another MODEL
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
@@ -69,7 +72,9 @@ def build_model(layers: dict, dense: dict, lowbit_info: dict, model_config=None)
     unet = model.diffusion_model
     for name, layer in layers.items():
         set_submodule(unet, name, layer)
-    fp = {k: (v.to(unet_dtype) if v.is_floating_point() else v) for k, v in dense.items()}
+    # rounded to the file's 16-bit storage first, so a freshly quantized MODEL computes exactly what its
+    # saved and reloaded file computes
+    fp = {k: (v.to(DENSE_DTYPE).to(unet_dtype) if v.is_floating_point() else v) for k, v in dense.items()}
     unet.load_state_dict(fp, strict=False, assign=True)
     missing = [k for k, v in list(unet.named_parameters()) + list(unet.named_buffers()) if v.is_meta]
     if missing:

@@ -21,6 +21,7 @@ from .errors import FileFormatError, LowBitError
 from .qlayers import QuantizedLayer, layer_from_header
 
 FORMAT_VERSION = 1
+DENSE_DTYPE = torch.float16  # storage of every tensor that is not quantized
 META_KEY = "lowbit"
 SUPPORTED_ARCHS = ("sdxl", "sdxl-family")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -131,7 +132,7 @@ def load(path, device="cpu") -> LowBitFile:
     return LowBitFile(header, layers, tensors)
 
 
-def file_tensors(layers: dict, dense: dict, dense_dtype=torch.float16) -> tuple[dict, dict]:
+def file_tensors(layers: dict, dense: dict, dense_dtype=DENSE_DTYPE) -> tuple[dict, dict]:
     """(tensors to save, header layer table) from quantized layers and the dense rest of the UNet."""
     table, tensors = {}, {}
     for name, m in layers.items():
@@ -146,7 +147,7 @@ def file_tensors(layers: dict, dense: dict, dense_dtype=torch.float16) -> tuple[
     return tensors, table
 
 
-def unet_tensors(unet: torch.nn.Module, dense_dtype=torch.float16) -> tuple[dict, dict]:
+def unet_tensors(unet: torch.nn.Module, dense_dtype=DENSE_DTYPE) -> tuple[dict, dict]:
     """file_tensors of a UNet module whose selected layers are QuantizedLayers."""
     layers = {name: m for name, m in unet.named_modules() if isinstance(m, QuantizedLayer)}
     dense = {k: t for k, t in unet.state_dict().items() if k.rsplit(".", 1)[0] not in layers}

@@ -1,7 +1,7 @@
 """Quantized Linear / Conv2d modules.
 
-They hold the packed tensors of one layout as buffers (so `state_dict()` and memory accounting see the
-true, small size) and report the logical weight shape and dtype of the layer they replace. The forward
+They hold the packed tensors of one layout as frozen parameters (so `state_dict()` and ComfyUI's memory
+accounting and partial (lowvram) loading see and move the true, small tensors) and report the logical weight shape and dtype of the layer they replace. The forward
 goes through lowbit.kernels.dispatch, the one place that picks a fast kernel or the torch reference.
 """
 import math
@@ -31,8 +31,8 @@ class QuantizedLayer(nn.Module):
                          where=type(self).__name__)
         self.tensor_names = tuple(self.layout.tensor_specs(self.params, self.out_features, self.in_features))
         for name in self.tensor_names:
-            self.register_buffer(name, tensors[name])
-        self.register_buffer("bias", bias)
+            self.register_parameter(name, nn.Parameter(tensors[name], requires_grad=False))
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
 
     def packed_tensors(self) -> dict:
         return {name: getattr(self, name) for name in self.tensor_names}
@@ -48,6 +48,11 @@ class QuantizedLayer(nn.Module):
 
     def packed_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.packed_tensors().values())
+
+    @classmethod
+    def from_header(cls, entry: Mapping, tensors: Mapping, dtype: torch.dtype, bias, where: str, **extra):
+        """The layer a header entry describes (`extra`: constructor arguments subclasses add)."""
+        return cls(entry["layout"], entry["params"], entry["weight_shape"], dtype, tensors, bias, **extra)
 
     def header_entry(self) -> dict:
         """What the file header records for this layer (everything but the tensors)."""
@@ -83,6 +88,12 @@ class LowBitConv2d(QuantizedLayer):
         # matrix view is [out, kh, kw, in]: back to PyTorch's [out, in, kh, kw]
         return self.dequantize_matrix(dtype).reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
 
+    @classmethod
+    def from_header(cls, entry, tensors, dtype, bias, where, **extra):
+        conv = entry["conv"]
+        return super().from_header(entry, tensors, dtype, bias, where, stride=conv["stride"],
+                                   padding=conv["padding"], dilation=conv["dilation"], **extra)
+
     def header_entry(self):
         entry = super().header_entry()
         entry["conv"] = {"stride": list(self.stride), "padding": list(self.padding),
@@ -111,22 +122,28 @@ def make_quantized_layer(module: nn.Module, layout: str, params: Mapping, tensor
     return LowBitLinear(layout, params, module.weight.shape, module.weight.dtype, tensors, bias)
 
 
+# header "kind" -> layer class; classes defined elsewhere (e.g. lowbit.quant_core.actquant) add themselves
+# with @register_layer_class
+LAYER_CLASSES: dict[str, type] = {"linear": LowBitLinear, "conv2d": LowBitConv2d}
+
+
+def register_layer_class(cls: type) -> type:
+    LAYER_CLASSES[cls.kind] = cls
+    return cls
+
+
 def layer_from_header(entry: Mapping, tensors: Mapping[str, torch.Tensor], where: str) -> QuantizedLayer:
     """Rebuild a quantized layer from its header entry and stored tensors (validated)."""
     from .errors import FileFormatError
     dtype = getattr(torch, str(entry.get("weight_dtype")), None)
     kind = entry.get("kind")
-    if not isinstance(dtype, torch.dtype) or kind not in ("linear", "conv2d"):
+    if not isinstance(dtype, torch.dtype) or kind not in LAYER_CLASSES:
         raise FileFormatError(f"{where}: bad layer entry {dict(entry)}; the file is corrupt: re-create it")
     bias = tensors.get("bias") if entry.get("bias") else None
     if entry.get("bias") and bias is None:
         raise FileFormatError(f"{where}: bias missing; the file is incomplete: re-create it")
     try:
-        if kind == "conv2d":
-            conv = entry["conv"]
-            return LowBitConv2d(entry["layout"], entry["params"], entry["weight_shape"], dtype, tensors, bias,
-                                conv["stride"], conv["padding"], conv["dilation"])
-        return LowBitLinear(entry["layout"], entry["params"], entry["weight_shape"], dtype, tensors, bias)
+        return LAYER_CLASSES[kind].from_header(entry, tensors, dtype, bias, where)
     except FileFormatError as e:
         raise FileFormatError(f"{where}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:

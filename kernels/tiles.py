@@ -1,0 +1,156 @@
+"""Triton device functions shared by the GEMM and decode kernels, and the launcher of the weight-only GEMMs.
+
+Only the language subset that behaves the same on Triton 3.6 (GPU machines) and 3.9 (here, under
+TRITON_INTERPRET=1) is used: tl.load/store with masks, tl.where, tl.arange, tl.dot, tl.program_id.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def swizzled_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of program `pid`, walking GROUP_M tile rows together so that the weight
+    tiles a group needs are still in L2 when its neighbours ask for them."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
+def load_packed_tile(q_ptr, row_bytes, offs_k, offs_n, k_limit, N, BITS: tl.constexpr):
+    """int32 codes of a [BLOCK_K, BLOCK_N] tile of the transposed [N, K] code matrix packed by
+    lowbit.quant_core.packing (value k of a row starts at bit k*BITS, little-endian). Entries outside
+    k < k_limit, n < N read as 0."""
+    bit = offs_k * BITS
+    shift = (bit % 8)[:, None]
+    mask = (offs_k[:, None] < k_limit) & (offs_n[None, :] < N)
+    ptr = q_ptr + offs_n[None, :].to(tl.int64) * row_bytes + (bit // 8)[:, None]
+    low = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+    if BITS == 8:
+        codes = low
+    elif 8 % BITS == 0:
+        # 1, 2 and 4 bits never cross a byte boundary
+        codes = (low >> shift) & ((1 << BITS) - 1)
+    else:
+        # 3, 5, 6 bits may continue into the next byte, which lies in the same BITS-byte block of 8 values
+        crosses = (shift + BITS) > 8
+        high = tl.load(ptr + 1, mask=mask & crosses, other=0).to(tl.int32)
+        codes = ((low | (high << 8)) >> shift) & ((1 << BITS) - 1)
+    return codes
+
+
+@triton.jit
+def store_dense_weight(out_ptr, w, offs_k, offs_n, K, N, CIN, TAPS):
+    """Store a [BLOCK_K, BLOCK_N] tile of the matrix view [N, K] (k = tap * CIN + c) into a dense weight
+    laid out as PyTorch wants it: [N, K] for Linear (TAPS = 1), [N, CIN, kh, kw] for Conv2d."""
+    tap = offs_k // CIN
+    chan = offs_k % CIN
+    dest = offs_n[None, :].to(tl.int64) * K + (chan * TAPS + tap)[:, None]
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    tl.store(out_ptr + dest, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def split_k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[start, end) of the K slice that split `pid_k` of SPLIT_K reduces, in whole BLOCK_K steps."""
+    blocks_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    start = pid_k * blocks_per_split * BLOCK_K
+    end = tl.minimum(start + blocks_per_split * BLOCK_K, K)
+    return start, end
+
+
+@triton.jit
+def weight_only_epilogue(acc, offs_m, offs_n, M, N, pid_k, y_ptr, stride_ym, scale_ptr, bias_ptr,
+                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Finish a weight-only GEMM tile. With one split: y = acc * scale[n] + bias[n] in fp32, cast to y's
+    dtype. With several: store the raw fp32 partial sum into workspace y[pid_k]; the launcher reduces the
+    splits in a fixed order (deterministic, unlike atomics) and applies scale and bias."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        dest = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+        tl.store(dest, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        dest = y_ptr + (pid_k * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(dest, acc, mask=mask)
+
+
+# Weight-only GEMM launch (shared by the int_affine and VQ kernels). Tile configurations: the large-M set
+# is compute-bound (tensor-core tiles, deep pipelines), the small-M set is memory-bound (thin BLOCK_M,
+# long BLOCK_K, split-K to fill the SMs).
+SMALL_M = 160
+
+
+def _config(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages)
+
+
+LARGE_M_CONFIGS = [_config(128, 128, 32, 4, 4), _config(128, 128, 64, 8, 3), _config(128, 256, 32, 8, 3),
+                   _config(64, 128, 32, 4, 4), _config(128, 64, 32, 4, 4), _config(64, 64, 64, 4, 3)]
+SMALL_M_CONFIGS = [_config(16, 64, 128, 4, 4), _config(16, 128, 64, 4, 4), _config(32, 64, 64, 4, 4),
+                   _config(32, 128, 128, 4, 3), _config(16, 256, 64, 8, 3)]
+TUNING_KEY = ["M", "N", "K", "SPLIT_K"]
+
+
+def tuned_pair(kernel):
+    """(small-M autotuner, large-M autotuner) of one weight-only GEMM kernel."""
+    return (triton.autotune(SMALL_M_CONFIGS, key=TUNING_KEY)(kernel),
+            triton.autotune(LARGE_M_CONFIGS, key=TUNING_KEY)(kernel))
+
+
+def choose_split_k(M, N, K, device):
+    """Split K for small M until about two waves of (16 x 64) tiles cover the SMs, keeping >= 256 of K
+    per split so that each split still streams a useful stretch of weights."""
+    if M > SMALL_M:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(M, 16) * triton.cdiv(N, 64)
+    split = 1
+    while split < 8 and tiles * split < 2 * sms and K // (2 * split) >= 256:
+        split *= 2
+    return split
+
+
+def launch_weight_only(kernel, tuned, x2, n_out, layout_args, layout_meta, scale, bias, config=None):
+    """y[M, N] = (x2 @ Ŵᵀ) * scale[n] + bias[n] with one of the weight-only kernels.
+
+    kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, M, N, K, stride_xm, stride_ym, *layout_args, **layout_meta,
+    HAS_SCALE, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K); `tuned` is its tuned_pair.
+    `config` (a dict of the block meta-parameters, SPLIT_K included) bypasses autotuning: the interpreter
+    checks use it.
+    """
+    M, K = x2.shape
+    split = config["SPLIT_K"] if config else choose_split_k(M, n_out, K, x2.device)
+    if split == 1:
+        out = torch.empty(M, n_out, device=x2.device, dtype=x2.dtype)
+    else:
+        out = torch.empty(split, M, n_out, device=x2.device, dtype=torch.float32)
+    args = (x2, out, x2 if scale is None else scale, x2 if bias is None else bias, M, n_out, K, x2.stride(0),
+            n_out, *layout_args)
+    flags = {"HAS_SCALE": scale is not None, "HAS_BIAS": bias is not None, **layout_meta}
+
+    def grid(meta):
+        return triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]), split
+
+    if config:
+        kernel[grid](*args, **flags, **config)
+    else:
+        tuned[0 if M <= SMALL_M else 1][grid](*args, **flags, SPLIT_K=split)
+    if split == 1:
+        return out
+    y = out.sum(0)
+    if scale is not None:
+        y = y * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2.dtype)

@@ -1,0 +1,4 @@
+"""Custom socket types of the pack."""
+from comfy_api.latest import io
+
+Calibration = io.Custom("LOWBIT_CALIBRATION")

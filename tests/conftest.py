@@ -1,0 +1,107 @@
+"""Shared pytest fixtures for LowBit.
+
+Light on import: ComfyUI is only imported (in-process, CPU mode) by fixtures
+that need it, through ``helpers.comfy_env.import_comfy()``.  No global seeds
+are set here; every fixture seeds itself.
+
+Fixtures:
+  comfy_env    (session) -> the ``comfy`` package, imported in CPU mode
+  sdxl_ckpt    (session) -> Path of the cached random full-size SDXL checkpoint
+  sd15_unet    (session) -> Path of the cached random full-size SD1.5 UNet
+  comfy_server (session) -> running ``helpers.comfy_server.ComfyServer``
+  tiny_unet    (function) -> fresh ``tiny_sdxl_unet(seed=0)``
+  timings      (session) -> dict; entries are printed in the terminal summary
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from helpers import comfy_env
+
+_TIMINGS_KEY = pytest.StashKey[dict]()
+
+
+def pytest_configure(config):
+    # also declared in pytest.ini; repeated so the markers exist with any ini file
+    for line in (
+        "comfy_server: needs the real ComfyUI server",
+        "slow: slow test (full-size models)",
+        "browser: drives the ComfyUI web frontend in a browser",
+    ):
+        config.addinivalue_line("markers", line)
+    config.stash[_TIMINGS_KEY] = {}
+
+
+def _require_comfy():
+    if not comfy_env.comfy_available():
+        pytest.skip(f"ComfyUI not found at {comfy_env.comfy_root()} (set LOWBIT_COMFYUI)")
+
+
+@pytest.fixture(scope="session")
+def timings(pytestconfig) -> dict:
+    """name -> seconds; printed at the end of the run."""
+    return pytestconfig.stash[_TIMINGS_KEY]
+
+
+@pytest.fixture(scope="session")
+def comfy_env_module():
+    _require_comfy()
+    return comfy_env.import_comfy()
+
+
+@pytest.fixture(scope="session")
+def sdxl_ckpt(timings):
+    _require_comfy()
+    from helpers import fixtures
+
+    t0 = time.perf_counter()
+    path = fixtures.sdxl_random_checkpoint()
+    built = fixtures.build_times.get(path.name)
+    timings["sdxl_ckpt build" if built else "sdxl_ckpt (cached)"] = built or time.perf_counter() - t0
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd15_unet(timings):
+    _require_comfy()
+    from helpers import fixtures
+
+    t0 = time.perf_counter()
+    path = fixtures.sd15_random_unet_file()
+    built = fixtures.build_times.get(path.name)
+    timings["sd15_unet build" if built else "sd15_unet (cached)"] = built or time.perf_counter() - t0
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy_server(sdxl_ckpt, timings):
+    _require_comfy()
+    from helpers.comfy_server import ComfyServer
+
+    extra = os.environ.get("LOWBIT_COMFY_ARGS", "").split()
+    server = ComfyServer(checkpoint=sdxl_ckpt, extra_args=extra)
+    server.start(timeout=float(os.environ.get("LOWBIT_COMFY_START_TIMEOUT", "180")))
+    timings["comfy_server startup"] = server.startup_seconds
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tiny_unet():
+    _require_comfy()
+    from helpers.fixtures import tiny_sdxl_unet
+
+    return tiny_sdxl_unet(seed=0)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    t = config.stash.get(_TIMINGS_KEY, None)
+    if t:
+        terminalreporter.section("lowbit timings")
+        for k, v in t.items():
+            terminalreporter.write_line(f"{k:40s} {v:8.1f} s")

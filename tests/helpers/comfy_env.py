@@ -1,0 +1,76 @@
+"""Locate the test-only ComfyUI checkout and import it in-process.
+
+ComfyUI lives at ``<repo>/.comfyui`` (git-ignored), overridable with the
+``LOWBIT_COMFYUI`` environment variable.  It is *appended* to ``sys.path`` so
+that nothing in it (it ships top-level ``tests``, ``utils``, ``app`` ...)
+shadows our own modules.  ``import_comfy()`` must be called before anything
+in-process imports ``comfy.*``; it forces CPU mode before
+``comfy.model_management`` is first imported.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+
+_lock = threading.Lock()
+_imported = False
+
+
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+def comfy_root() -> Path:
+    """Path of the ComfyUI checkout used by the tests (not necessarily existing)."""
+    env = os.environ.get("LOWBIT_COMFYUI")
+    return Path(env).expanduser().resolve() if env else REPO_ROOT / ".comfyui"
+
+
+def comfy_available() -> bool:
+    root = comfy_root()
+    return (root / "main.py").is_file() and (root / "comfy").is_dir()
+
+
+def venv_python() -> str:
+    """Interpreter for subprocesses (the repo venv if present, else the current one)."""
+    return str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+
+
+def import_comfy():
+    """Put ComfyUI on sys.path (idempotent), force CPU mode, return ``comfy`` module.
+
+    Raises RuntimeError if ``comfy.model_management`` was already imported
+    without CPU mode (the device choice is made at import time).
+    """
+    global _imported
+    with _lock:
+        root = str(comfy_root())
+        if not comfy_available():
+            raise RuntimeError(f"ComfyUI not found at {root} (set LOWBIT_COMFYUI)")
+        if root not in sys.path:
+            sys.path.append(root)
+        if not _imported:
+            already = "comfy.model_management" in sys.modules
+            import comfy.cli_args
+
+            comfy.cli_args.args.cpu = True
+            if already:
+                import comfy.model_management as mm
+
+                if mm.cpu_state != mm.CPUState.CPU:
+                    raise RuntimeError(
+                        "comfy.model_management was imported before import_comfy(); "
+                        "it is not in CPU mode"
+                    )
+            import comfy.model_management  # noqa: F401  (decides the device now)
+            import comfy.ops  # noqa: F401
+
+            _imported = True
+        import comfy
+
+        return comfy
