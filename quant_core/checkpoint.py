@@ -13,18 +13,19 @@ from .methods import method_for_config
 from .selection import is_selected_name
 
 
-def read_unet_state_dict(path) -> dict:
-    """UNet tensors of a safetensors checkpoint or bare UNet file (only those are read from disk)."""
+def read_unet_state_dict(path) -> tuple[dict, dict]:
+    """(unet_config, UNet tensors) of a safetensors checkpoint or bare UNet file. The architecture is checked
+    from the header's shapes before any tensor is read, and only the UNet's tensors are read."""
     st = read_safetensors_header(path)
-    keys = [k for k in st if k != "__metadata__"]
-    has_prefix = any(k.startswith(CHECKPOINT_PREFIX) for k in keys)
-    wanted = [k for k in keys if k.startswith(CHECKPOINT_PREFIX)] if has_prefix else keys
+    shapes = unet_state_dict({k: v["shape"] for k, v in st.items() if k != "__metadata__"})
+    unet_config = detect_unet_config(shapes)
+    prefixed = any(k.startswith(CHECKPOINT_PREFIX) for k in st)
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
-            sd = {k: f.get_tensor(k) for k in wanted}
+            sd = {k: f.get_tensor(CHECKPOINT_PREFIX + k if prefixed else k) for k in shapes}
     except Exception as e:
         raise FileFormatError(f"{os.fspath(path)}: cannot read tensors ({e}); the file is corrupt") from None
-    return unet_state_dict(sd)
+    return unet_config, sd
 
 
 def layer_modules(sd: dict) -> dict:
@@ -51,8 +52,7 @@ def layer_modules(sd: dict) -> dict:
 
 def quantize_checkpoint(path, config, progress=None) -> tuple[dict, dict]:
     """(tensors, header) of the LowBit file for the UNet in `path` (data-free methods)."""
-    sd = read_unet_state_dict(path)
-    unet_config = detect_unet_config(sd)
+    unet_config, sd = read_unet_state_dict(path)
     for key, t in sd.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FileFormatError(f"{os.fspath(path)}: UNet tensor '{key}' holds NaN/inf; the checkpoint is broken")

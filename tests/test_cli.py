@@ -1,0 +1,91 @@
+"""`python -m lowbit quantize|info` on files: a tiny SDXL-structure UNet, and bad inputs that must be rejected
+with a clear message and without writing anything."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def lowbit(*args):
+    return subprocess.run([sys.executable, "-m", "lowbit", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet_file(tmp_path_factory):
+    from helpers.fixtures import tiny_sdxl_unet
+    path = tmp_path_factory.mktemp("cli") / "tiny_unet.safetensors"
+    save_file({k: v.half().contiguous() for k, v in tiny_sdxl_unet(0).state_dict().items()}, str(path))
+    return path
+
+
+def test_quantize_then_info(tiny_unet_file, tmp_path):
+    out = tmp_path / "tiny_w4.safetensors"
+    r = lowbit("quantize", "--method", "rtn", "--bits", 4, "--group-size", 64, tiny_unet_file, out)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(lowbit("info", out).stdout)
+    assert info["method"] == "rtn" and info["arch"] == "sdxl-family" and info["quantized_layers"] == 181
+    assert abs(info["bits_per_weight"] - (4 + 24 / 64)) < 0.1
+    assert info["total_bytes"] < 0.35 * info["fp16_bytes"]
+    again = tmp_path / "again.safetensors"
+    assert lowbit("quantize", "--bits", 4, "--group-size", 64, tiny_unet_file, again).returncode == 0
+    assert out.read_bytes() == again.read_bytes()  # deterministic
+
+
+def test_existing_output_is_not_overwritten(tiny_unet_file, tmp_path):
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"keep me")
+    r = lowbit("quantize", "--bits", 8, "--group-size", 0, tiny_unet_file, out)
+    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert out.read_bytes() == b"keep me"
+
+
+def _assert_rejected(src, tmp_path, *messages):
+    out = tmp_path / "out.safetensors"
+    r = lowbit("quantize", "--bits", 4, src, out)
+    assert r.returncode == 2, r.stderr
+    for m in messages:
+        assert m in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_sd15_checkpoint_is_rejected(sd15_unet, tmp_path):
+    _assert_rejected(sd15_unet, tmp_path, "SD1.x", "SDXL")
+
+
+def test_pickle_renamed_safetensors_is_rejected(tmp_path):
+    fake = tmp_path / "model.safetensors"
+    torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4)}, fake)
+    _assert_rejected(fake, tmp_path, "pickle", "never loads pickles")
+
+
+def test_truncated_file_is_rejected(tiny_unet_file, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    data = tiny_unet_file.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    _assert_rejected(cut, tmp_path, "truncated")
+
+
+def test_nan_weights_are_rejected(tmp_path):
+    from helpers.fixtures import tiny_sdxl_unet
+    sd = {k: v.half().contiguous() for k, v in tiny_sdxl_unet(0).state_dict().items()}
+    sd["out.2.weight"][0, 0, 0, 0] = math.nan
+    bad = tmp_path / "nan.safetensors"
+    save_file(sd, str(bad))
+    _assert_rejected(bad, tmp_path, "NaN")
+
+
+def test_unknown_format_version_is_rejected_by_info(tiny_unet_file, tmp_path):
+    out = tmp_path / "w8.safetensors"
+    assert lowbit("quantize", "--bits", 8, "--group-size", 0, tiny_unet_file, out).returncode == 0
+    raw = out.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].replace(b'\\"format_version\\": 1', b'\\"format_version\\": 7')
+    assert len(header) == n
+    out.write_bytes(raw[:8] + header + raw[8 + n:])
+    r = lowbit("info", out)
+    assert r.returncode == 2 and "format version 7" in r.stderr and "update" in r.stderr
