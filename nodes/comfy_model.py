@@ -14,6 +14,8 @@ import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+from comfy.model_patcher import LowVramPatch
+from comfy.patcher_extension import CallbacksMP
 
 from ..quant_core.api import set_submodule
 from ..quant_core.arch import detect_unet_config
@@ -81,7 +83,20 @@ def build_model(layers: dict, dense: dict, lowbit_info: dict, model_config=None)
         raise LowBitError(f"the quantized UNet lacks {len(missing)} tensors (e.g. {missing[:3]}); the file is "
                           "incomplete: re-create it")
     setattr(model, LOWBIT_ATTR, dict(lowbit_info))
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.add_callback(CallbacksMP.ON_LOAD, attach_weight_patches)  # clones (e.g. LoraLoader's) keep it
+    return patcher
+
+
+def attach_weight_patches(patcher, *load_args):
+    """After ComfyUI loads a LowBit MODEL: hand each quantized layer the weight patches (LoRA, ...) of the
+    MODEL being loaded, applied to its dequantized weight at every forward (ComfyUI's own LowVramPatch does
+    the arithmetic). Quantized weights are never patched in place or requantized; layers of a clone without
+    patches get none, so unloading a LoRA is loading the MODEL without it."""
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if isinstance(module, QuantizedLayer):
+            key = f"diffusion_model.{name}.weight"
+            module.weight_function = [LowVramPatch(key, patcher.patches)] if key in patcher.patches else []
 
 
 def check_sdxl_model(model_patcher) -> dict:

@@ -1,8 +1,17 @@
 """Quantized Linear / Conv2d modules.
 
-They hold the packed tensors of one layout as frozen parameters (so `state_dict()` and ComfyUI's memory
-accounting and partial (lowvram) loading see and move the true, small tensors) and report the logical weight shape and dtype of the layer they replace. The forward
-goes through lowbit.kernels.dispatch, the one place that picks a fast kernel or the torch reference.
+They hold the packed tensors of one layout as frozen parameters (so `state_dict()`, memory accounting and
+partial (lowvram) loading see and move the true, small tensors) and report the logical weight shape and dtype
+of the layer they replace. The forward goes through lowbit.kernels.dispatch, the one place that picks a fast
+kernel or the torch reference.
+
+Two hooks let a host framework patch weights without requantizing them (ComfyUI's weight-patch protocol):
+- `weight_function` / `bias_function`: callables applied to the dequantized weight / bias at every forward
+  (e.g. a LoRA delta); with any set, the layer dequantizes and runs the dense op.
+- `comfy_cast_weights`: when the host leaves the layer in CPU memory and sets this, each forward moves the
+  packed tensors (not a dense weight) to the input's device first.
+A zero-element `weight` buffer makes `<layer>.weight` appear in `state_dict()`, so tools that find layers by
+their weight keys (LoRA key maps) see quantized layers, while memory accounting stays true.
 """
 import math
 from typing import Mapping, Optional
@@ -33,17 +42,39 @@ class QuantizedLayer(nn.Module):
         for name in self.tensor_names:
             self.register_parameter(name, nn.Parameter(tensors[name], requires_grad=False))
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+        self.register_buffer("weight", torch.empty(0, dtype=weight_dtype))
+        self.weight_function, self.bias_function = [], []
+        self.comfy_cast_weights = False
 
     def packed_tensors(self) -> dict:
         return {name: getattr(self, name) for name in self.tensor_names}
 
-    def dequantize_matrix(self, dtype=torch.float32) -> torch.Tensor:
-        """Dense [out, K] matrix view (reference path)."""
-        w = self.layout.dequantize(self.packed_tensors(), self.params, self.out_features, self.in_features)
+    def dequantize_matrix(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        """Dense [out, K] matrix view (reference path), computed on `device` (default: where the tensors are)."""
+        tensors = {k: v.to(device, non_blocking=True) for k, v in self.packed_tensors().items()} \
+            if device is not None else self.packed_tensors()
+        w = self.layout.dequantize(tensors, self.params, self.out_features, self.in_features)
         return w.to(dtype)
 
-    def dequantize_weight(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantize_weight(self, dtype=torch.float32, device=None) -> torch.Tensor:
         """Dense weight in the logical shape of the original layer."""
+        raise NotImplementedError
+
+    def dense_op(self, x, weight, bias):
+        raise NotImplementedError
+
+    def forward(self, x):
+        if not (self.weight_function or self.bias_function or self.comfy_cast_weights):
+            return self.fast_forward(x)
+        weight = self.dequantize_weight(x.dtype, x.device)
+        for f in self.weight_function:
+            weight = f(weight)
+        bias = None if self.bias is None else self.bias.to(x.device, x.dtype, non_blocking=True)
+        for f in self.bias_function:
+            bias = f(bias)
+        return self.dense_op(x, weight, bias)
+
+    def fast_forward(self, x):
         raise NotImplementedError
 
     def packed_bytes(self) -> int:
@@ -67,10 +98,13 @@ class QuantizedLayer(nn.Module):
 class LowBitLinear(QuantizedLayer):
     kind = "linear"
 
-    def dequantize_weight(self, dtype=torch.float32):
-        return self.dequantize_matrix(dtype)
+    def dequantize_weight(self, dtype=torch.float32, device=None):
+        return self.dequantize_matrix(dtype, device)
 
-    def forward(self, x):
+    def dense_op(self, x, weight, bias):
+        return nn.functional.linear(x, weight, bias)
+
+    def fast_forward(self, x):
         from ..kernels import dispatch
         return dispatch.linear(x, self)
 
@@ -83,10 +117,13 @@ class LowBitConv2d(QuantizedLayer):
         super().__init__(layout, params, weight_shape, weight_dtype, tensors, bias)
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
 
-    def dequantize_weight(self, dtype=torch.float32):
+    def dequantize_weight(self, dtype=torch.float32, device=None):
         out, cin, kh, kw = self.weight_shape
         # matrix view is [out, kh, kw, in]: back to PyTorch's [out, in, kh, kw]
-        return self.dequantize_matrix(dtype).reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+        return self.dequantize_matrix(dtype, device).reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+
+    def dense_op(self, x, weight, bias):
+        return nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
     @classmethod
     def from_header(cls, entry, tensors, dtype, bias, where, **extra):
@@ -100,7 +137,7 @@ class LowBitConv2d(QuantizedLayer):
                          "dilation": list(self.dilation)}
         return entry
 
-    def forward(self, x):
+    def fast_forward(self, x):
         from ..kernels import dispatch
         return dispatch.conv2d(x, self)
 
