@@ -26,6 +26,11 @@ SOCKETS = {
     "LowBitSaveQuantizedUNet": ([("model", "MODEL")], ["filename_prefix"], [("path", "STRING")]),
     "LowBitLoadQuantizedUNet": ([], ["unet_name"], [("MODEL", "MODEL")]),
     "LowBitModelInfo": ([("model", "MODEL")], [], [("report", "STRING")]),
+    "LowBitCompare": ([("fp_model", "MODEL"), ("quantized_model", "MODEL"), ("positive", "CONDITIONING"),
+                       ("negative", "CONDITIONING"), ("vae", "VAE")],
+                      ["seed", "width", "height", "steps", "cfg", "sampler_name", "scheduler"],
+                      [("grid", "IMAGE"), ("report", "STRING")]),
+    "PreviewImage": ([("images", "IMAGE")], [], []),
 }
 UI_ONLY_WIDGETS = {"control_after_generate"}
 UI_ONLY_TYPES = {"Note"}
@@ -76,14 +81,21 @@ def api_workflow(nodes):
     return prompt
 
 
+POSITIVE, NEGATIVE = "a photo of a red fox in the snow, detailed", "blurry, low quality"
+
+
+def prompts(first_id):
+    return [
+        node(first_id, "CLIPTextEncode", [420, 80], {"text": POSITIVE}, {"clip": (1, 1)}, "Positive prompt"),
+        node(first_id + 1, "CLIPTextEncode", [420, 300], {"text": NEGATIVE}, {"clip": (1, 1)}, "Negative prompt"),
+    ]
+
+
 def sdxl_generate(model_link, first_id, seed=42, steps=20, size=1024, prefix="lowbit/sample"):
     """Prompt, latent, sampler, decode and save nodes fed by `model_link` (CLIP/VAE from node 1)."""
     i = first_id
     return [
-        node(i, "CLIPTextEncode", [420, 80], {"text": "a photo of a red fox in the snow, detailed"}, {"clip": (1, 1)},
-             "Positive prompt"),
-        node(i + 1, "CLIPTextEncode", [420, 300], {"text": "blurry, low quality"}, {"clip": (1, 1)},
-             "Negative prompt"),
+        *prompts(i),
         node(i + 2, "EmptyLatentImage", [420, 520], {"width": size, "height": size, "batch_size": 1}),
         node(i + 3, "KSampler", [820, 200],
              {"seed": seed, "control_after_generate": "fixed", "steps": steps, "cfg": 5.0,
@@ -106,6 +118,31 @@ WORKFLOWS = {
             "LowBit RTN: round-to-nearest 4-bit weights, one range per 128 weights (~4.19 bits/weight, "
             "UNet ~27% of fp16). Quantizing full SDXL takes about a minute on a GPU. The save node writes "
             "output/diffusion_models/lowbit/...; load it later with 'Load LowBit UNet'.")}),
+    ],
+    "lowbit_load_and_generate": [
+        node(1, "CheckpointLoaderSimple", [0, 200], {"ckpt_name": "sd_xl_base_1.0.safetensors"},
+             title="Original checkpoint (CLIP + VAE)"),
+        node(2, "LowBitLoadQuantizedUNet", [0, 420], {"unet_name": "lowbit/sdxl_rtn_w4g128_00001_.safetensors"}),
+        *sdxl_generate((2, 0), 3, prefix="lowbit/generate"),
+        node(9, "Note", [0, 620], {"text": (
+            "The everyday LowBit workflow: the quantized UNet from 'Load LowBit UNet' with CLIP and VAE from the "
+            "original SDXL checkpoint. LoRA loaders, ControlNet and other model patches connect to the LowBit "
+            "MODEL as usual.")}),
+    ],
+    "lowbit_compare": [
+        node(1, "CheckpointLoaderSimple", [0, 200], {"ckpt_name": "sd_xl_base_1.0.safetensors"}),
+        node(2, "LowBitQuantizeUNet", [0, 420], {"method": "rtn", "bits": 4, "group_size": 128},
+             {"model": (1, 0)}),
+        *prompts(3),
+        node(5, "LowBitCompare", [820, 200],
+             {"seed": 42, "width": 1024, "height": 1024, "steps": 20, "cfg": 5.0, "sampler_name": "euler",
+              "scheduler": "normal"},
+             {"fp_model": (1, 0), "quantized_model": (2, 0), "positive": (3, 0), "negative": (4, 0),
+              "vae": (1, 2)}),
+        node(6, "PreviewImage", [1220, 200], {}, {"images": (5, 0)}),
+        node(7, "Note", [0, 620], {"text": (
+            "Compare samples the original and the quantized MODEL from the same seed: fp | quantized | "
+            "difference x8, and reports PSNR, latent error, sizes and sampling times.")}),
     ],
 }
 

@@ -27,7 +27,36 @@ def test_rtn_workflow_runs_in_real_comfyui(comfy_server):
     assert len(images) == 1 and images[0].stat().st_size > 0
     saved = history["outputs"]["9"]["text"][0]
     assert saved.endswith("_00001_.safetensors")
-    STATE["saved"] = saved
+    STATE["saved"], STATE["image"] = saved, images[0]
+
+
+def _pixels(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.convert("RGB").tobytes()
+
+
+def test_load_and_generate_reproduces_the_quantized_image(comfy_server):
+    name = STATE["saved"].split("diffusion_models/", 1)[1]
+    prompt = load_api_workflow("lowbit_load_and_generate", **{
+        "1__ckpt_name": "sdxl_random.safetensors", "2__unet_name": name, "5__width": 64, "5__height": 64,
+        "6__steps": 2, "8__filename_prefix": "e2e/reloaded"})
+    images = comfy_server.output_files(comfy_server.run(prompt, timeout=1200))
+    assert _pixels(images[0]) == _pixels(STATE["image"])  # same seed: the reloaded file samples identically
+
+
+def test_compare_workflow_reports_on_the_quantized_model(comfy_server):
+    prompt = load_api_workflow("lowbit_compare", **{
+        "1__ckpt_name": "sdxl_random.safetensors", "5__width": 64, "5__height": 64, "5__steps": 2})
+    history = comfy_server.run(prompt, timeout=1200)
+    grid = comfy_server.output_files(history)
+    from PIL import Image
+    with Image.open(grid[0]) as im:
+        assert im.size == (3 * 64, 64)  # fp | quantized | difference
+    report = json.loads(history["outputs"]["5"]["text"][0])
+    assert report["method"] == "rtn" and abs(report["bits_per_weight"] - W4_ANALYTIC_BITS) < 0.1
+    assert 0 < report["latent_relative_error"] < 1 and math.isfinite(report["psnr_db"])
+    assert report["quantized_bytes"] < 0.3 * report["fp_bytes"]
     comfy_server.free()
 
 
