@@ -96,22 +96,18 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_quantized_output_error_is_bounded_and_reload_is_bit_identical(fp_model, unet_inputs, comfy_server):
+def test_quantized_output_error_is_bounded(fp_model, unet_inputs, comfy_server):
+    """W4: the file the workflow saved (it reproduces the workflow's image bit for bit, see above); W8:
+    quantized here by the node. Both against the fp UNet on the same input."""
     from lowbit.nodes.load import LowBitLoadQuantizedUNet
     from lowbit.nodes.quantize import LowBitQuantizeUNet
     import folder_paths
     ref = _unet_out(fp_model, unet_inputs)
     assert torch.isfinite(ref).all()
-
-    w4 = LowBitQuantizeUNet.execute(fp_model, "rtn", 4, 128).result[0]
-    out_w4 = _unet_out(w4, unet_inputs)
-    err_w4 = _rel_err(out_w4, ref)
     folder_paths.add_model_folder_path("diffusion_models", str(comfy_server.output_dir / "diffusion_models"))
-    name = STATE["saved"].split("diffusion_models/", 1)[1]
-    loaded = LowBitLoadQuantizedUNet.execute(name).result[0]
-    assert torch.equal(_unet_out(loaded, unet_inputs), out_w4)
-    del w4, loaded
-
+    w4 = LowBitLoadQuantizedUNet.execute(STATE["saved"].split("diffusion_models/", 1)[1]).result[0]
+    err_w4 = _rel_err(_unet_out(w4, unet_inputs), ref)
+    del w4
     w8 = LowBitQuantizeUNet.execute(fp_model, "rtn", 8, 128).result[0]
     err_w8 = _rel_err(_unet_out(w8, unet_inputs), ref)
     print(f"relative UNet output error: W8 g128 {err_w8:.4%}, W4 g128 {err_w4:.4%}")
