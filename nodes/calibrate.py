@@ -105,7 +105,7 @@ class LowBitCalibrate(io.ComfyNode):
                 pbar.update_absolute((i + 1) * steps)
                 continue
             positive = _encode(clip, text)
-            latent = torch.zeros([1, 4, height // 8, width // 8])
+            latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, 4, height // 8, width // 8]))
             noise = comfy.sample.prepare_noise(latent, seed + i)
 
             def step_callback(step, x0, x, total_steps, i=i):

@@ -75,9 +75,10 @@ def fp_model(sdxl_ckpt):
     from helpers.comfy_env import import_comfy
     import_comfy()
     import comfy.sd
-    model = comfy.sd.load_checkpoint_guess_config(str(sdxl_ckpt), output_vae=False, output_clip=False)[0]
+    model, clip = comfy.sd.load_checkpoint_guess_config(str(sdxl_ckpt), output_vae=False, output_clip=True)[:2]
+    model.clip_for_tests = clip
     yield model
-    del model
+    del model, clip
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,24 @@ def test_quantized_output_error_is_bounded(fp_model, unet_inputs, comfy_server):
     assert err_w8 < err_w4 / 10
     # the user's MODEL is untouched
     assert torch.equal(_unet_out(fp_model, unet_inputs), ref)
+
+
+def test_calibrate_records_comfy_sampling_and_leaves_the_model_unchanged(fp_model, unet_inputs, tmp_path):
+    import folder_paths
+    from lowbit.nodes.calibrate import LowBitCalibrate
+    from lowbit.quant_core.calibration import CalibrationRecord
+    ref = _unet_out(fp_model, unet_inputs)
+    folder_paths.set_output_directory(str(tmp_path))
+    args = (fp_model, fp_model.clip_for_tests, "a red fox\na blue car\nnot used", "", 64, 64, 2, 5.0, "euler",
+            "normal", 7, 2)
+    calib = LowBitCalibrate.execute(*args).result[0]
+    record = CalibrationRecord.load(calib.path)
+    assert len(record) == 4  # 2 prompts x 2 steps, cond and uncond batched in each call
+    step = record.inputs[0]
+    assert step["x"].shape == (2, 4, 8, 8) and step["context"].shape[-1] == 2048 and step["y"].shape == (2, 2816)
+    assert record.outputs[0].shape == (2, 4, 8, 8)
+    assert record.settings["prompts"] == ["a red fox", "a blue car"]
+    assert torch.equal(_unet_out(fp_model, unet_inputs), ref)
+    assert "forward" not in vars(fp_model.model.diffusion_model)  # recording hook removed
+    again = LowBitCalibrate.execute(*args).result[0]
+    assert again.path == calib.path  # same settings: the record is reused, not re-sampled
