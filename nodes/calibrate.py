@@ -5,17 +5,13 @@ import logging
 import os
 from dataclasses import dataclass
 
-import torch
-
-import comfy.model_management
-import comfy.sample
-import comfy.samplers
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
 from ..quant_core.calibration import CalibrationRecord, record_unet_calls
 from ..quant_core.errors import LowBitError
+from .sampling import empty_latent, sample, sampling_inputs
 from .types import Calibration
 
 CALIBRATION_FOLDER = "lowbit_calibration"
@@ -58,20 +54,7 @@ class LowBitCalibrate(io.ComfyNode):
                                 tooltip="One prompt per line; use prompts like the ones you will generate."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="Negative prompt used for every calibration sample."),
-                io.Int.Input("width", default=1024, min=64, max=4096, step=8,
-                             tooltip="Image width of the calibration samples (use your usual size)."),
-                io.Int.Input("height", default=1024, min=64, max=4096, step=8,
-                             tooltip="Image height of the calibration samples."),
-                io.Int.Input("steps", default=20, min=1, max=200,
-                             tooltip="Sampling steps per prompt; every step's UNet call is recorded."),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="CFG scale; cond and uncond halves are both recorded."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="Sampler, as in KSampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="Scheduler, as in KSampler."),
-                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
-                             tooltip="Seed of the first prompt's noise; prompt i uses seed + i."),
+                *sampling_inputs("of the calibration samples (prompt i uses seed + i)"),
                 io.Int.Input("max_prompts", default=64, min=1, max=4096,
                              tooltip="Use at most this many prompts from the list."),
             ],
@@ -105,17 +88,11 @@ class LowBitCalibrate(io.ComfyNode):
                 pbar.update_absolute((i + 1) * steps)
                 continue
             positive = _encode(clip, text)
-            latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros([1, 4, height // 8, width // 8]))
-            noise = comfy.sample.prepare_noise(latent, seed + i)
-
-            def step_callback(step, x0, x, total_steps, i=i):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                pbar.update_absolute(i * steps + step + 1)
-
-            def run():
-                comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                    seed=seed + i, callback=step_callback, disable_pbar=True)
-            record = record_unet_calls(unet, run, settings={"prompt": text, "seed": seed + i})
+            latent = empty_latent(model, width, height)
+            record = record_unet_calls(
+                unet, lambda: sample(model, positive, negative, latent, seed + i, steps, cfg, sampler_name,
+                                     scheduler, pbar, i * steps),
+                settings={"prompt": text, "seed": seed + i})
             record.save(part, overwrite=True)
             records.append(record)
         merged = CalibrationRecord([s for r in records for s in r.inputs],

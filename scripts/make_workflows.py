@@ -28,7 +28,7 @@ SOCKETS = {
     "LowBitModelInfo": ([("model", "MODEL")], [], [("report", "STRING")]),
     "LowBitCompare": ([("fp_model", "MODEL"), ("quantized_model", "MODEL"), ("positive", "CONDITIONING"),
                        ("negative", "CONDITIONING"), ("vae", "VAE")],
-                      ["seed", "width", "height", "steps", "cfg", "sampler_name", "scheduler"],
+                      ["width", "height", "steps", "cfg", "sampler_name", "scheduler", "seed"],
                       [("grid", "IMAGE"), ("report", "STRING")]),
     "PreviewImage": ([("images", "IMAGE")], [], []),
 }
