@@ -133,8 +133,13 @@ def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) ->
     """The call's arguments by parameter name, with **kwargs flattened in."""
     named = {}
     for name, value in signature.bind(*args, **kwargs).arguments.items():
-        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise LowBitError("cannot record UNet calls: the forward takes *args, so positional inputs have no "
+                                  "names; record the UNetModel itself (ComfyUI: model.model.diffusion_model)")
         else:
             named[name] = value
     return named

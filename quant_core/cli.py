@@ -28,6 +28,8 @@ def method_config(args):
     method = get_method(args.method)
     if method.name == "rtn":
         return method.config_type(bits=args.bits, group_size=args.group_size, range_search=args.range_search)
+    if method.name == "vq":
+        return method.config_type.parse(args.config, seed=args.seed)
     raise LowBitError(f"method {method.name!r} is not available from this command yet")
 
 
@@ -53,6 +55,17 @@ def cmd_quantize(args):
     print(json.dumps(report, indent=2))
 
 
+def add_method_options(parser) -> None:
+    """The options `method_config` reads (shared by `quantize` and the benchmarks)."""
+    parser.add_argument("--method", default="rtn", help="quantization method (rtn, vq)")
+    parser.add_argument("--bits", type=int, default=4, help="weight bits (rtn: 2,3,4,5,6,8)")
+    parser.add_argument("--group-size", type=int, default=128, help="rtn: entries per range; 0 = per output channel")
+    parser.add_argument("--range-search", action="store_true", help="rtn: MSE-searched ranges instead of min-max")
+    parser.add_argument("--config", default="3x8g8",
+                        help="vq format: 2x8g8, 3x8g8 or 4x8g8 (codebooks x bits, groups of 8)")
+    parser.add_argument("--seed", type=int, default=0, help="vq: seed of the k-means initialisation")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m lowbit", description="LowBit: quantized SDXL UNets")
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,10 +75,7 @@ def build_parser():
     q = sub.add_parser("quantize", help="quantize an SDXL checkpoint or UNet file into a LowBit file")
     q.add_argument("input", help="SDXL checkpoint or bare UNet (.safetensors, LDM/ComfyUI keys)")
     q.add_argument("output", help="LowBit .safetensors to write")
-    q.add_argument("--method", default="rtn", help="quantization method (rtn)")
-    q.add_argument("--bits", type=int, default=4, help="weight bits (rtn: 2,3,4,5,6,8)")
-    q.add_argument("--group-size", type=int, default=128, help="rtn: entries per range; 0 = per output channel")
-    q.add_argument("--range-search", action="store_true", help="rtn: MSE-searched ranges instead of min-max")
+    add_method_options(q)
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.set_defaults(func=cmd_quantize)
     try:

@@ -67,3 +67,4 @@ def validate_tensors(layout: type[Layout], params: Mapping, out_features: int, i
 
 
 from . import int_affine  # noqa: E402,F401  (registers the built-in layouts)
+from . import vq  # noqa: E402,F401

@@ -55,3 +55,4 @@ def method_for_config(config) -> Method:
 
 
 from . import rtn  # noqa: E402,F401  (registers built-in methods)
+from . import vq  # noqa: E402,F401

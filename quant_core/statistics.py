@@ -1,0 +1,74 @@
+"""Second-moment statistics XᵀX of layer inputs, gathered with forward hooks while the model runs.
+
+For a Linear layer X is its input flattened to [N, in]. For a Conv2d X holds the unfolded input patches in the
+order of the weight's matrix view (lowbit.quant_core.qlayers.matrix_view): [N, kh·kw·in], tap-major and
+channel-minor, so ‖X Wᵀ − X Ŵᵀ‖² = Σ_rows (w − ŵ)ᵀ (XᵀX) (w − ŵ) with w a row of the matrix view.
+"""
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK_ELEMENTS = 2 ** 24  # unfolded conv values per chunk (64 MiB in fp32)
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows X [N, K] that `module` multiplies by its [out, K] matrix view, as float32."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise TypeError("grouped convolutions have no single [out, K] matrix view")
+        kh, kw = module.kernel_size
+        if isinstance(module.padding, str):
+            raise TypeError(f"Conv2d padding={module.padding!r} is not supported; give explicit padding")
+        patches = F.unfold(x.float(), (kh, kw), dilation=module.dilation, padding=module.padding,
+                           stride=module.stride)  # [B, in·kh·kw, L], channel-major
+        b, _, length = patches.shape
+        patches = patches.reshape(b, -1, kh * kw, length).permute(0, 3, 2, 1)  # [B, L, taps, in]
+        return patches.reshape(b * length, -1)
+    if isinstance(module, nn.Linear):
+        return x.float().reshape(-1, x.shape[-1])
+    raise TypeError(f"XᵀX is defined for nn.Linear / nn.Conv2d, not {type(module).__name__}")
+
+
+def collect_xtx(unet: nn.Module, layers: dict, run: Callable[[], None]) -> dict:
+    """{name: mean XᵀX (float64 [K, K])} of the inputs `layers` (name -> module inside `unet`) receive while
+    `run()` executes; the mean is over every input row of every call. Hooks are removed afterwards.
+
+    Products are formed in float32 on the input's device over chunks of at most `CHUNK_ELEMENTS` unfolded
+    values (conv inputs are unfolded a few samples at a time to bound memory) and accumulated in float64.
+    Layers that were never called are left out of the result.
+    """
+    owned = {id(m) for m in unet.modules()}
+    strangers = [name for name, module in layers.items() if id(module) not in owned]
+    if strangers:
+        raise ValueError(f"layers {strangers[:3]} are not modules of the UNet that `run` drives")
+    sums, counts, handles = {}, {}, []
+
+    def hook_for(name):
+        def accumulate(module, args):
+            x = args[0].detach()
+            if isinstance(module, nn.Conv2d):
+                per_sample = x[0].numel() * module.kernel_size[0] * module.kernel_size[1]
+                step = max(1, CHUNK_ELEMENTS // per_sample)
+                chunks = (input_rows(module, x[i:i + step]) for i in range(0, x.shape[0], step))
+            else:
+                chunks = (input_rows(module, x),)
+            for rows in chunks:
+                product = (rows.T @ rows).double()
+                if name in sums:
+                    sums[name] += product
+                else:
+                    sums[name] = product
+                counts[name] = counts.get(name, 0) + rows.shape[0]
+        return accumulate
+
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / counts[name] for name in sums}
