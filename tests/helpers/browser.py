@@ -359,8 +359,14 @@ class ComfyPage:
         dialog.get_by_text(category, exact=True).first.click()
         cards = dialog.locator('[data-testid^="template-workflow-"]')
         cards.first.wait_for(state="visible")
-        self.page.wait_for_timeout(300)  # the grid fills in one render
-        return [c.get_attribute("data-testid")[len("template-workflow-"):] for c in cards.all()]
+        names, deadline = None, time.monotonic() + 15
+        while time.monotonic() < deadline:  # the grid switches from "All Templates": wait until it is stable
+            self.page.wait_for_timeout(400)
+            now = [c.get_attribute("data-testid")[len("template-workflow-"):] for c in cards.all()]
+            if now and now == names:
+                break
+            names = now
+        return names or []
 
     def load_template(self, category: str, name: str, expect_nodes: Optional[int] = None) -> None:
         """Sidebar -> Templates -> ``category`` -> click the card ``name``."""
