@@ -102,7 +102,7 @@ def sdxl_generate(model_link, first_id, seed=42, steps=20, size=1024, prefix="lo
               "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
              {"model": model_link, "positive": (i, 0), "negative": (i + 1, 0), "latent_image": (i + 2, 0)}),
         node(i + 4, "VAEDecode", [1180, 200], {}, {"samples": (i + 3, 0), "vae": (1, 2)}),
-        node(i + 5, "SaveImage", [1420, 200], {"filename_prefix": prefix}, {"images": (i + 4, 0)}),
+        node(i + 5, "SaveImage", [1540, 200], {"filename_prefix": prefix}, {"images": (i + 4, 0)}),
     ]
 
 
@@ -114,7 +114,7 @@ WORKFLOWS = {
         *sdxl_generate((2, 0), 3, prefix="lowbit/rtn_w4"),
         node(9, "LowBitSaveQuantizedUNet", [420, 760], {"filename_prefix": "lowbit/sdxl_rtn_w4g128"},
              {"model": (2, 0)}),
-        node(10, "Note", [0, 620], {"text": (
+        node(10, "Note", [0, 680], {"text": (
             "LowBit RTN: round-to-nearest 4-bit weights, one range per 128 weights (~4.19 bits/weight, "
             "UNet ~27% of fp16). Quantizing full SDXL takes about a minute on a GPU. The save node writes "
             "output/diffusion_models/lowbit/...; load it later with 'Load LowBit UNet'.")}),
@@ -124,7 +124,7 @@ WORKFLOWS = {
              title="Original checkpoint (CLIP + VAE)"),
         node(2, "LowBitLoadQuantizedUNet", [0, 420], {"unet_name": "lowbit/sdxl_rtn_w4g128_00001_.safetensors"}),
         *sdxl_generate((2, 0), 3, prefix="lowbit/generate"),
-        node(9, "Note", [0, 620], {"text": (
+        node(9, "Note", [0, 680], {"text": (
             "The everyday LowBit workflow: the quantized UNet from 'Load LowBit UNet' with CLIP and VAE from the "
             "original SDXL checkpoint. LoRA loaders, ControlNet and other model patches connect to the LowBit "
             "MODEL as usual.")}),
@@ -140,7 +140,7 @@ WORKFLOWS = {
              {"fp_model": (1, 0), "quantized_model": (2, 0), "positive": (3, 0), "negative": (4, 0),
               "vae": (1, 2)}),
         node(6, "PreviewImage", [1220, 200], {}, {"images": (5, 0)}),
-        node(7, "Note", [0, 620], {"text": (
+        node(7, "Note", [0, 680], {"text": (
             "Compare samples the original and the quantized MODEL from the same seed: fp | quantized | "
             "difference x8, and reports PSNR, latent error, sizes and sampling times.")}),
     ],
