@@ -78,7 +78,13 @@ def fp_model(sdxl_ckpt):
     model, clip = comfy.sd.load_checkpoint_guess_config(str(sdxl_ckpt), output_vae=False, output_clip=True)[:2]
     model.clip_for_tests = clip
     yield model
+    # release the ~13 GB this module holds before later tests load SDXL in the server again
+    import gc
+    import comfy.model_management
     del model, clip
+    comfy.model_management.unload_all_models()
+    comfy.model_management.cleanup_models()
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
