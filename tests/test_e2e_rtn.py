@@ -85,6 +85,11 @@ def fp_model(sdxl_ckpt):
     comfy.model_management.unload_all_models()
     comfy.model_management.cleanup_models()
     gc.collect()
+    try:  # hand freed heap pages back to the OS (glibc keeps them otherwise)
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 @pytest.fixture(scope="module")
