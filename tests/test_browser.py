@@ -272,7 +272,7 @@ def test_generate_from_template_shows_progress_and_image(env, _cleanup_generate,
     sampler = _first(workflow, "KSampler")["id"]
     save = _first(workflow, "SaveImage")["id"]
 
-    # a run of the same graph earlier in this server's life (e.g. test_e2e_rtn) would be served from
+    # a run of the same graph earlier in this server's life (e.g. test_rtn_e2e) would be served from
     # ComfyUI's execution cache, with no quantize progress to show: start from an empty cache
     server.free()
     page.load_template(_pack_category(server), GENERATE_WORKFLOW, expect_nodes=len(workflow["nodes"]))
