@@ -1,9 +1,16 @@
-"""The demo job (scripts/demo.sh): quantize the embedded default SDXL model with the RTN workflow in a real,
-headless ComfyUI server, generate an image, save the LowBit file, and print a short report.
+"""The demo job (scripts/demo.sh).
 
-The embedded default is a randomly initialised full-size SDXL checkpoint (built once, cached in .cache/):
-sizes and timings are real, the picture is noise. (The trained testbed replaces it as the demo model.)
+Default: the main job on the embedded default model, the trained testbed shipped in bench/testbed/weights.
+It runs `python -m lowbit bench quality --methods rtn,minmax,vq,dgq,pcr --bits W4A8` (each method quantizes a
+copy of the testbed and samples the same in-domain and held-out prompts with the same seeds as full precision),
+then prints the table (bits/weight, bytes, PSNR / Fréchet distance to fp samples, prompt alignment) and the paths
+of the JSON report and of the sample grid (fp, then each method). Minutes on a CPU.
+
+`--sdxl`: the earlier demo. Quantizes a randomly initialised full-size SDXL checkpoint (built once, cached in
+.cache/) with the RTN workflow in a real, headless ComfyUI server, generates a 64x64 image, saves the LowBit file
+and prints a short report: sizes and timings are real, the picture is noise. Needs ~20 GB RAM and minutes.
 """
+import argparse
 import json
 import subprocess
 import sys
@@ -11,19 +18,66 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+OUT_DIR = REPO / "bench" / "out" / "demo"
+DEFAULT_METHODS = "rtn,minmax,vq,dgq,pcr"
+SPLITS = ("in_domain", "held_out")
 
-from helpers.comfy_server import ComfyServer  # noqa: E402
-from helpers.fixtures import load_api_workflow, sdxl_random_checkpoint  # noqa: E402
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
 
 
-def main():
+def quality_table(report: dict) -> str:
+    """The quality report as a text table: one row per method (fp first), in-domain / held-out columns."""
+    head = (f"{'method':<10} {'bits/w':>7} {'MB':>6} {'PSNR dB in/held':>16} {'Frechet in/held':>16} "
+            f"{'align in/held':>14} {'time s':>7}")
+    lines = [head, "-" * len(head)]
+    for method, r in report["results"].items():
+        split = [r.get(s, {}) for s in SPLITS]
+        psnr = "/".join("fp" if method == "fp" else _fmt(s.get("psnr"), ".1f") for s in split)
+        frechet = "/".join(_fmt(s.get("frechet"), ".1f") for s in split)
+        align = "/".join(_fmt(s.get("alignment"), ".3f") for s in split)
+        lines.append(f"{method:<10} {_fmt(r.get('bits_per_weight'), '.2f'):>7} {r['bytes'] / 1e6:>6.2f} "
+                     f"{psnr:>16} {frechet:>16} {align:>14} {_fmt(r.get('seconds'), '.1f'):>7}")
+    for method, reason in (report.get("skipped") or {}).items():
+        lines.append(f"{method:<10} skipped: {reason}")
+    return "\n".join(lines)
+
+
+def testbed_demo(args) -> None:
+    t0 = time.perf_counter()
+    out = Path(args.out) if args.out else OUT_DIR / f"quality_{args.bits.upper()}_seed{args.seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "lowbit", "bench", "quality", "--methods", args.methods, "--bits", args.bits,
+           "--seed", str(args.seed), "--out", str(out)]
+    print(f"[demo] testbed (bench/testbed/weights/testbed.safetensors): {' '.join(cmd[1:])}", flush=True)
+    # progress lines of the benchmark (stderr) pass through; its JSON (stdout) is also written to `out`
+    # (run from the folder holding the pack when it is named `lowbit`, as in custom_nodes/lowbit)
+    result = subprocess.run(cmd, cwd=REPO.parent if REPO.name == "lowbit" else None, stdout=subprocess.DEVNULL)
+    if result.returncode != 0:
+        sys.exit(f"[demo] bench quality failed (exit {result.returncode})")
+    report = json.loads(out.read_text())
+    print(f"\n== LowBit demo: {report['bits']} on the trained testbed, seed {report['seed']}, "
+          f"{report['prompts_per_split']} in-domain + {report['prompts_per_split']} held-out prompts, "
+          f"{report['steps']} steps, cfg {report['cfg']} (PSNR and Frechet distance to the fp samples; "
+          f"alignment: fraction of prompt attributes found by the testbed classifier)\n")
+    print(quality_table(report))
+    print(f"\n  report   {out}")
+    print(f"  grid     {report['grid']}   (rows: fp, then each method; 4 in-domain then 4 held-out prompts)")
+    print(f"  total    {time.perf_counter() - t0:.1f} s (benchmark {report['seconds']} s, CPU, "
+          f"{report.get('torch_threads')} torch thread(s))")
+
+
+def sdxl_demo(args) -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers.comfy_server import ComfyServer
+    from helpers.fixtures import load_api_workflow, sdxl_random_checkpoint
+
     t0 = time.perf_counter()
     ckpt = sdxl_random_checkpoint()
     print(f"[demo] SDXL checkpoint: {ckpt} ({ckpt.stat().st_size / 2**30:.2f} GiB)", flush=True)
-    out_dir = REPO / "bench" / "out" / "demo"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with ComfyServer(checkpoint=ckpt, base_dir=out_dir / "comfy") as server:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    with ComfyServer(checkpoint=ckpt, base_dir=OUT_DIR / "comfy") as server:
         print(f"[demo] ComfyUI {server.url} started in {server.startup_seconds:.1f} s", flush=True)
         prompt = load_api_workflow("lowbit_rtn_quantize_and_generate", **{
             "1__ckpt_name": "sdxl_random.safetensors", "5__width": 64, "5__height": 64, "6__steps": 2})
@@ -43,6 +97,19 @@ def main():
     print(f"  image               {image}")
     print(f"  LowBit file         {saved}")
     print(f"  total               {time.perf_counter() - t0:.1f} s")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sdxl", action="store_true",
+                   help="the earlier demo: RTN on a random full-size SDXL in headless ComfyUI (slow, ~20 GB RAM)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"testbed demo: methods (default {DEFAULT_METHODS})")
+    p.add_argument("--bits", default="W4A8", help="testbed demo: W<bits>[A<bits>] (default W4A8)")
+    p.add_argument("--seed", type=int, default=0, help="testbed demo: prompt and noise seed")
+    p.add_argument("--out", default="", help=f"testbed demo: report JSON (default {OUT_DIR}/quality_<bits>_seed<S>"
+                                             ".json; the PNG grid goes beside it)")
+    args = p.parse_args(argv)
+    (sdxl_demo if args.sdxl else testbed_demo)(args)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from comfy_api.latest import io
 def sampling_inputs(purpose: str) -> list:
     """The KSampler-like widgets (size, steps, cfg, sampler, scheduler, seed); `purpose` ends each tooltip."""
     return [
-        io.Int.Input("width", default=1024, min=64, max=4096, step=8, tooltip=f"Image width {purpose}."),
-        io.Int.Input("height", default=1024, min=64, max=4096, step=8, tooltip=f"Image height {purpose}."),
+        io.Int.Input("width", default=1024, min=32, max=4096, step=8, tooltip=f"Image width {purpose}."),
+        io.Int.Input("height", default=1024, min=32, max=4096, step=8, tooltip=f"Image height {purpose}."),
         io.Int.Input("steps", default=20, min=1, max=200, tooltip=f"Sampling steps {purpose}."),
         io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, tooltip=f"CFG scale {purpose}."),
         io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",

@@ -11,8 +11,9 @@ headless Chromium through playwright (``tests/helpers/browser.py``).
   opened with File -> Open, make those checks fail
 * a non-LowBit file picked in "Load LowBit UNet" gives ComfyUI's error dialog with our message
   and highlights the node (tiny graph, no SDXL)
-* the everyday workflow, set to 64x64 / 2 steps in the page, is run with the Run button: the
-  quantize node's progress bar is shown and the image appears (the tier's only SDXL run)
+* the testbed compare workflow (trained testbed -> RTN W4 -> fp | quantized | difference), with its
+  steps changed in the page, is run with the Run button: the quantize and compare nodes' progress bars
+  are shown and the grid appears (seconds; no SDXL is loaded by this tier)
 
 Run alone with ``pytest -m browser``.  Skips when ``LOWBIT_SKIP_BROWSER=1`` or when chromium /
 playwright are missing (``bash scripts/install_browser.sh`` installs them); under CI
@@ -38,11 +39,15 @@ ROOT = repo_root()
 ARTIFACTS = ROOT / "tests" / "artifacts" / "browser"
 DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
 UI_WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-# the everyday workflow (load-and-generate); its editor view is the README screenshot
+# the RTN quantize-and-generate workflow: its editor view is the README screenshot (loaded, never run here)
 GENERATE_WORKFLOW = "lowbit_rtn_quantize_and_generate"
-CHECKPOINT = "sdxl_random.safetensors"  # what ComfyServer links into models/checkpoints
+# the workflow run from the UI: RTN + compare on the trained testbed (seconds on a CPU); its result is the
+# README screenshot of the compare node's output
+RUN_WORKFLOW = "lowbit_testbed_compare"
+RUN_STEPS = 12
+VIEWPORT_CORNER = (960, 1150)  # an empty canvas spot below the zoomed nodes: the mouse rests there
 PLAIN_FILE = "lowbit_browser_not_lowbit.safetensors"
-GENERATE_TIMEOUT_S = float(os.environ.get("LOWBIT_BROWSER_GENERATE_TIMEOUT", "1500"))
+RUN_TIMEOUT_S = float(os.environ.get("LOWBIT_BROWSER_RUN_TIMEOUT", "300"))
 
 
 def _load(path: Path) -> dict:
@@ -258,99 +263,119 @@ def test_non_lowbit_file_shows_error_dialog_and_highlights_node(env, page):
     assert page.page.locator('.p-dialog[aria-labelledby="global-execution-error"]').count() == 0
 
 
-# --------------------------------------------------------------------------- the everyday workflow, run (SDXL)
+# --------------------------------------------------------------------------- a workflow run from the UI (testbed)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(GENERATE_TIMEOUT_S + 300)
-def test_generate_from_template_shows_progress_and_image(env, _cleanup_generate, page, timings):
+@pytest.mark.timeout(RUN_TIMEOUT_S + 300)
+def test_testbed_compare_from_template_shows_progress_and_image(env, page, timings):
+    """Template -> edit a widget -> Run: the quantize and compare nodes show progress, the grid appears.
+
+    The trained testbed (LowBitTestbedLoader) makes this a seconds-long run on a CPU; the page's final state
+    is the README screenshot of the compare node's output."""
     server = env["server"]
-    workflow = _load(ROOT / "workflows" / f"{GENERATE_WORKFLOW}.json")
-    ckpt = _first(workflow, "CheckpointLoaderSimple")["id"]
+    workflow = _load(ROOT / "workflows" / f"{RUN_WORKFLOW}.json")
     quant = _first(workflow, "LowBitQuantizeUNet")["id"]
-    latent = _first(workflow, "EmptyLatentImage")["id"]
-    sampler = _first(workflow, "KSampler")["id"]
-    save = _first(workflow, "SaveImage")["id"]
+    compare = _first(workflow, "LowBitCompare")["id"]
+    preview = _first(workflow, "PreviewImage")["id"]
+    enlarge = _first(workflow, "ImageScaleBy")["widgets_values"][1]
 
-    # a run of the same graph earlier in this server's life (e.g. test_rtn_e2e) would be served from
+    # a run of the same graph earlier in this server's life (e.g. test_testbed_workflow) would be served from
     # ComfyUI's execution cache, with no quantize progress to show: start from an empty cache
     server.free()
-    page.load_template(_pack_category(server), GENERATE_WORKFLOW, expect_nodes=len(workflow["nodes"]))
-    # what the artist does on a CPU box: pick the checkpoint, make it small and quick
-    page.select_option(ckpt, "ckpt_name", CHECKPOINT)
-    page.set_number(latent, "width", 64)
-    page.set_number(latent, "height", 64)
-    page.set_number(sampler, "steps", 2)
+    page.load_template(_pack_category(server), RUN_WORKFLOW, expect_nodes=len(workflow["nodes"]))
+    # what the artist does: change a setting (the compare node's steps), then Run
+    page.set_number(compare, "steps", RUN_STEPS)
     shown = {n["id"]: {w["label"]: w["value"] for w in n["widgets"]} for n in page.rendered_nodes()}
-    assert shown[str(ckpt)]["ckpt_name"] == CHECKPOINT
-    assert (shown[str(latent)]["width"], shown[str(latent)]["height"], shown[str(sampler)]["steps"]) == ("64", "64", "2")
+    assert shown[str(compare)]["steps"] == str(RUN_STEPS)
     assert not page.dialogs()
 
     page.fit_view()
     page.start_progress_recorder()
     t0 = time.perf_counter()
     page.queue()
-    # while the quantize node works: its progress bar is drawn (screenshot of it; the hard checks are below)
-    seen_bar = page.page.wait_for_function(
-        """id => {
-             const bar = document.querySelector(`[data-node-id="${id}"] .bg-primary-500.h-2`);
-             if (bar && parseFloat(bar.style.width) >= 10) return 'bar';
-             if (document.querySelector('.p-dialog[aria-labelledby="global-execution-error"]')) return 'error';
-             return document.querySelector('[data-node-id] img[src*="/view?"]') ? 'done' : false;
-           }""", arg=str(quant), timeout=GENERATE_TIMEOUT_S * 1000, polling=200).json_value()
-    if seen_bar == "bar":
-        page.screenshot(ARTIFACTS / "generate_quantize_progress.png")
-    # the image appears in the Save Image node (or an error dialog does)
+    # the grid appears in the Preview Image node (or an error dialog does)
     page.page.wait_for_function(
         """id => {
              const img = document.querySelector(`[data-node-id="${id}"] img`);
              return (img && img.complete && img.naturalWidth > 0)
                     || document.querySelector('.p-dialog[aria-labelledby="global-execution-error"]');
-           }""", arg=str(save), timeout=GENERATE_TIMEOUT_S * 1000, polling=500)
-    timings["browser: SDXL generate run (queue -> image)"] = time.perf_counter() - t0
+           }""", arg=str(preview), timeout=RUN_TIMEOUT_S * 1000, polling=100)
+    timings["browser: testbed compare run (queue -> image)"] = time.perf_counter() - t0
     page.page.wait_for_timeout(500)
     page.fit_view()
-    shot = page.screenshot(ARTIFACTS / "generate_result.png")
+    shot = page.screenshot(ARTIFACTS / "testbed_compare_result.png")
     dialogs = page.dialogs()
     assert not dialogs, f"dialog during the run: {dialogs}"
 
     nodes = {n["id"]: n for n in page.rendered_nodes()}
-    images = [i for i in nodes[str(save)]["images"] if i["w"] > 0]
-    assert images and "/view?" in images[0]["src"], f"no output image in Save Image: {nodes[str(save)]['images']}"
-    assert (images[0]["w"], images[0]["h"]) == (64, 64), images[0]
+    images = [i for i in nodes[str(preview)]["images"] if i["w"] > 0]
+    assert images and "/view?" in images[0]["src"], f"no image in Preview Image: {nodes[str(preview)]['images']}"
+    assert (images[0]["w"], images[0]["h"]) == (3 * 32 * enlarge, 32 * enlarge), images[0]  # fp | quantized | diff
 
-    # the quantize node's progress reached the page (websocket) and was drawn as its progress bar
     started = page.ws("execution_start")
     assert started, "no execution_start message reached the page"
     pid = started[-1]["data"]["prompt_id"]
     cached = [m for m in page.ws("execution_cached", pid) if str(quant) in map(str, m["data"].get("nodes", []))]
     assert not cached, "the quantize node was served from ComfyUI's cache, so no progress could be shown"
-    prog = [m["data"] for m in page.ws("progress", pid) if str(m["data"].get("node")) == str(quant)]
-    assert len(prog) >= 3, f"too few progress messages for the quantize node reached the page: {prog}"
-    assert prog[-1]["value"] == prog[-1]["max"] > 1 and [p["value"] for p in prog] == sorted(p["value"] for p in prog)
-    bars = page.progress_seen().get(str(quant), [])
-    assert bars and max(bars) > 0 and len(set(bars)) >= 2, f"quantize node's progress bar not shown (widths {bars})"
-    other = {k: v for k, v in page.progress_seen().items() if k != str(quant)}
-    print(f"[browser] quantize progress: {len(prog)} ws messages, bar widths seen {len(bars)} "
-          f"(max {max(bars):.0f}%); other nodes' bars: { {k: len(v) for k, v in other.items()} }")
+    # the progress of both long nodes reached the page (websocket) and was drawn as their progress bars
+    for node_id, total in ((quant, None), (compare, 2 * RUN_STEPS)):
+        prog = [m["data"] for m in page.ws("progress", pid) if str(m["data"].get("node")) == str(node_id)]
+        assert len(prog) >= 3, f"too few progress messages for node {node_id} reached the page: {prog}"
+        assert prog[-1]["value"] == prog[-1]["max"] > 1
+        assert [p["value"] for p in prog] == sorted(p["value"] for p in prog)
+        if total is not None:  # the steps typed into the page are the steps the server ran (fp + quantized)
+            assert prog[-1]["max"] == total, prog[-1]
+        bars = page.progress_seen().get(str(node_id), [])
+        assert bars and max(bars) > 0 and len(set(bars)) >= 2, f"node {node_id}'s progress bar not shown ({bars})"
+        print(f"[browser] node {node_id}: {len(prog)} progress messages, {len(bars)} bar widths drawn "
+              f"(max {max(bars):.0f}%)")
 
     t_start = started[-1]["_t"]
     steps = [(m["_t"] - t_start, m["data"].get("node")) for m in page.ws("executing", pid)]
     print("[browser] run timeline (s from execution_start -> node): "
-          + ", ".join(f"{t:.0f}:{n}" for t, n in steps))
-    out = [m for m in page.ws("executed", pid) if str(m["data"].get("node")) == str(save)]
-    assert out, "no 'executed' message for Save Image"
-    filename = out[-1]["data"]["output"]["images"][0]["filename"]
-    assert filename in images[0]["src"]
-    copy_screenshot(shot, DOCS_SCREENSHOTS / "lowbit_generate_result.png")
+          + ", ".join(f"{t:.1f}:{n}" for t, n in steps))
+    out = [m for m in page.ws("executed", pid) if str(m["data"].get("node")) == str(preview)]
+    assert out, "no 'executed' message for Preview Image"
+    assert out[-1]["data"]["output"]["images"][0]["filename"] in images[0]["src"]
+    report = [m for m in page.ws("executed", pid) if str(m["data"].get("node")) == str(compare)]
+    assert report, "no 'executed' message (report) for the compare node"
+    report = json.loads(report[-1]["data"]["output"]["text"][0])
+    assert report["method"] == "rtn" and report["psnr_db"] > 20, report
+    # the README picture: the compare node and its grid, the preview widened as an artist would (dragging its
+    # corner), filling the view, no tooltip
+    _drag_resize(page, preview, 3 * 32 * enlarge / 2, 0)
+    page.page.evaluate("() => { window.app.canvas.deselectAll(); window.app.canvas.setDirty(true, true); }")
+    _zoom_to_nodes(page, [compare, preview])
+    page.page.mouse.move(VIEWPORT_CORNER[0], VIEWPORT_CORNER[1])
+    page.page.wait_for_timeout(500)
+    shot = page.screenshot(ARTIFACTS / "testbed_compare_result_zoomed.png")
+    copy_screenshot(shot, DOCS_SCREENSHOTS / "lowbit_compare_result.png")
+    server.free()
 
 
-@pytest.fixture
-def _cleanup_generate(env):
-    server = env["server"]
-    saved_dir = server.output_dir / "diffusion_models"
-    before = set(saved_dir.rglob("*.safetensors"))
-    yield
-    server.free()  # the SDXL weights and cached outputs are not needed by later tests
-    for f in set(saved_dir.rglob("*.safetensors")) - before:  # the ~1.4 GB LowBit file the save node wrote
-        f.unlink()
+def _drag_resize(page, node_id, dx: float, dy: float) -> None:
+    """Drag the node's bottom-right resize handle by (dx, dy) screen pixels."""
+    handle = page.node(node_id).locator(".cursor-se-resize").first
+    box = handle.bounding_box()
+    assert box, f"node {node_id} shows no resize handle"
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.page.mouse.move(x, y)
+    page.page.mouse.down()
+    page.page.mouse.move(x + dx, y + dy, steps=10)
+    page.page.mouse.up()
+    page.page.wait_for_timeout(500)
+
+
+def _zoom_to_nodes(page, node_ids, margin: float = 40.0) -> None:
+    """Animate the canvas so the nodes' rendered boxes (with a margin, in graph units) fill the view."""
+    page.page.evaluate(
+        """([ids, m]) => {
+             const c = window.app.canvas, ds = c.ds, r = c.canvas.getBoundingClientRect();
+             const boxes = ids.map((id) => document.querySelector(`[data-node-id="${id}"]`).getBoundingClientRect());
+             const gx = (x) => (x - r.left) / ds.scale - ds.offset[0];
+             const gy = (y) => (y - r.top) / ds.scale - ds.offset[1];
+             const x0 = gx(Math.min(...boxes.map((b) => b.left))) - m, y0 = gy(Math.min(...boxes.map((b) => b.top))) - m;
+             const x1 = gx(Math.max(...boxes.map((b) => b.right))) + m, y1 = gy(Math.max(...boxes.map((b) => b.bottom))) + m;
+             c.animateToBounds([x0, y0, x1 - x0, y1 - y0]);
+           }""", [[str(i) for i in node_ids], margin])
+    page.page.wait_for_timeout(1500)

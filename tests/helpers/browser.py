@@ -147,6 +147,9 @@ def remove_files(paths: Iterable[Path]) -> None:
 # --------------------------------------------------------------------------
 
 
+CORE_TEMPLATE_MEDIA = (".webp", ".png", ".jpg", ".jpeg", ".gif", ".mp4", ".webm", ".mp3", ".wav", ".flac", ".glb")
+
+
 class BrowserSession:
     """playwright + one headless Chromium; ``new_page`` opens ComfyUI in a fresh context."""
 
@@ -177,8 +180,13 @@ class BrowserSession:
         host = urllib.parse.urlsplit(server.url).netloc
 
         def only_local(route):  # hermetic: nothing but the ComfyUI server under test
-            if urllib.parse.urlsplit(route.request.url).netloc == host or route.request.url.startswith(
-                    ("data:", "blob:")):
+            url = urllib.parse.urlsplit(route.request.url)
+            if url.netloc == host and url.path.startswith("/templates/") and url.path.lower().endswith(
+                    CORE_TEMPLATE_MEDIA):
+                # thumbnails (animated webp, videos) of ComfyUI's own template gallery: no test looks at them,
+                # and decoding them in software starves the page on a small CPU machine
+                route.abort()
+            elif url.netloc == host or route.request.url.startswith(("data:", "blob:")):
                 route.continue_()
             else:
                 route.abort()
