@@ -5,11 +5,13 @@ from .calibrate import LowBitCalibrate
 from .compare import LowBitCompare
 from .info import LowBitModelInfo
 from .load import LowBitLoadQuantizedUNet
+from .options import OPTION_NODES
 from .quantize import LowBitQuantizeUNet
 from .save import LowBitSaveQuantizedUNet
+from .testbed import LowBitTestbedLoader
 
 
 class LowBitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LowBitLoadQuantizedUNet, LowBitQuantizeUNet, LowBitSaveQuantizedUNet, LowBitModelInfo,
-                LowBitCalibrate, LowBitCompare]
+                LowBitCalibrate, LowBitCompare, LowBitTestbedLoader, *OPTION_NODES]

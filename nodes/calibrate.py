@@ -95,8 +95,10 @@ class LowBitCalibrate(io.ComfyNode):
                 settings={"prompt": text, "seed": seed + i})
             record.save(part, overwrite=True)
             records.append(record)
+        labels = [r.cond_or_uncond for r in records]
         merged = CalibrationRecord([s for r in records for s in r.inputs],
-                                   [o for r in records for o in r.outputs], settings)
+                                   [o for r in records for o in r.outputs], settings,
+                                   None if None in labels else [c for r in labels for c in r])
         merged.save(path)
         for name in os.listdir(parts) if os.path.isdir(parts) else ():
             os.remove(os.path.join(parts, name))

@@ -17,6 +17,7 @@ import comfy.ops
 from comfy.model_patcher import LowVramPatch
 from comfy.patcher_extension import CallbacksMP
 
+from ..quant_core.actquant import prepare_unet
 from ..quant_core.api import set_submodule
 from ..quant_core.arch import detect_unet_config
 from ..quant_core.errors import LowBitError, UnsupportedModelError
@@ -67,6 +68,9 @@ def build_model(layers: dict, dense: dict, lowbit_info: dict, model_config=None)
                                                    supported_dtypes=model_config.supported_inference_dtypes)
     manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device,
                                                           model_config.supported_inference_dtypes)
+    if unet_dtype == torch.float32 and manual_cast is None and DENSE_DTYPE in model_config.supported_inference_dtypes:
+        # (CPU) the dense tensors are 16-bit in the file: keep them so, half the memory, and compute in fp32
+        unet_dtype, manual_cast = DENSE_DTYPE, torch.float32
     model_config.set_inference_dtype(unet_dtype, manual_cast)
     model_config.custom_operations = _meta_weight_ops(
         comfy.ops.pick_operations(unet_dtype, manual_cast, load_device=load_device))
@@ -76,12 +80,15 @@ def build_model(layers: dict, dense: dict, lowbit_info: dict, model_config=None)
         set_submodule(unet, name, layer)
     # rounded to the file's 16-bit storage first, so a freshly quantized MODEL computes exactly what its
     # saved and reloaded file computes
-    fp = {k: (v.to(DENSE_DTYPE).to(unet_dtype) if v.is_floating_point() else v) for k, v in dense.items()}
+    # (a copy: never share storage with the source MODEL, whose weights ComfyUI patches in place)
+    fp = {k: (v.to(DENSE_DTYPE, copy=True).to(unet_dtype) if v.is_floating_point() else v)
+          for k, v in dense.items()}
     unet.load_state_dict(fp, strict=False, assign=True)
     missing = [k for k, v in list(unet.named_parameters()) + list(unet.named_buffers()) if v.is_meta]
     if missing:
         raise LowBitError(f"the quantized UNet lacks {len(missing)} tensors (e.g. {missing[:3]}); the file is "
                           "incomplete: re-create it")
+    prepare_unet(unet)  # activation-quantized layers (dgq, pcr) select their parameters by timestep
     setattr(model, LOWBIT_ATTR, dict(lowbit_info))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.add_callback(CallbacksMP.ON_LOAD, attach_weight_patches)  # clones (e.g. LoraLoader's) keep it

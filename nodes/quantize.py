@@ -1,13 +1,55 @@
+import dataclasses
 import logging
+import os
+import re
 import time
 
+import comfy.model_management
+import folder_paths
 from comfy_api.latest import io
 
 from ..quant_core.api import quantize_layers_of
-from ..quant_core.methods import get_method
+from ..quant_core.errors import LowBitError
 from ..quant_core.layouts.int_affine import SUPPORTED_BITS
+from ..quant_core.methods import get_method
+from ..quant_core.resume import LayerCheckpoint, run_key
+from ..quant_core.selection import select_layers
+from ..quant_core.trajectory import trajectory_sampler
 from .comfy_model import build_model, check_sdxl_model, dense_state, source_layers
+from .options import QuantOptions
 from .progress import comfy_progress
+from .types import Calibration, Options
+
+METHODS = ["rtn", "vq", "dgq", "pcr", "minmax"]
+CHECKPOINT_FOLDER = "lowbit_checkpoints"
+
+
+def method_config(method: str, bits: int, group_size: int, options: QuantOptions):
+    """The method's config dataclass: RTN from the bits/group_size widgets, minmax from bits (A8), the others
+    from their options node (their defaults when none is connected)."""
+    if options.method != method:
+        raise LowBitError(f"LowBitQuantizeUNet: the connected options are for {options.method} but method is "
+                          f"{method}; set method to {options.method} or connect {method}'s options node")
+    config_type = get_method(method).config_type
+    if method == "rtn":
+        return config_type(bits=bits, group_size=group_size)
+    if method == "minmax":
+        return config_type(weight_bits=bits, act_bits=8)
+    return config_type(**options.config)
+
+
+def _layer_filter(layers: dict, pattern: str) -> dict:
+    if not pattern:
+        return layers
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise LowBitError(f"options: layers pattern {pattern!r} is not a valid regular expression ({e})") from None
+    chosen = {name: m for name, m in layers.items() if regex.search(name)}
+    if not chosen:
+        raise LowBitError(f"options: layers pattern {pattern!r} matches none of the {len(layers)} quantizable "
+                          "layers (names like 'output_blocks.2.1.transformer_blocks.0.attn1.to_q')")
+    return chosen
 
 
 class LowBitQuantizeUNet(io.ComfyNode):
@@ -17,17 +59,27 @@ class LowBitQuantizeUNet(io.ComfyNode):
             node_id="LowBitQuantizeUNet",
             display_name="Quantize UNet (LowBit)",
             category="LowBit/quantize",
-            description="Quantizes an SDXL MODEL's UNet; the input MODEL is left unchanged.",
+            description="Quantizes an SDXL MODEL's UNet; the input MODEL is left unchanged. Interrupted runs resume "
+                        "from a checkpoint under output/lowbit_checkpoints when queued again.",
             inputs=[
                 io.Model.Input("model", tooltip="An SDXL MODEL (e.g. from Load Checkpoint); weight patches such "
                                                 "as LoRA already applied to it are baked into the result."),
-                io.Combo.Input("method", options=["rtn"], default="rtn",
-                               tooltip="rtn: round-to-nearest weight-only (the data-free baseline)."),
+                io.Combo.Input("method", options=METHODS, default="rtn",
+                               tooltip="rtn: round-to-nearest weights (data-free baseline). vq: vector "
+                                       "quantization, 2-4 bits (calibration optional, better with it). dgq / pcr: "
+                                       "weights + activations (need calibration). minmax: naive W·A8 baseline "
+                                       "(needs calibration). Method settings come from its options node."),
                 io.Int.Input("bits", default=4, min=min(SUPPORTED_BITS), max=max(SUPPORTED_BITS),
-                             tooltip=f"Weight bits; supported: {', '.join(map(str, SUPPORTED_BITS))}."),
+                             tooltip=f"Weight bits of rtn and minmax ({', '.join(map(str, SUPPORTED_BITS))}); "
+                                     "the other methods take theirs from their options node."),
                 io.Int.Input("group_size", default=128, min=0, max=4096, step=8,
-                             tooltip="Weights sharing one range (multiple of 8); 0 = one range per output "
-                                     "channel. 128 is a good default for 4 bits."),
+                             tooltip="rtn only: weights sharing one range (multiple of 8); 0 = one range per "
+                                     "output channel. 128 is a good default for 4 bits."),
+                Calibration.Input("calibration", optional=True,
+                                  tooltip="A record from LowBitCalibrate: needed by dgq, pcr and minmax, makes vq "
+                                          "Hessian-aware; ignored by rtn."),
+                Options.Input("options", optional=True,
+                              tooltip="Settings of vq / dgq / pcr from their options node (defaults when empty)."),
             ],
             outputs=[io.Model.Output(tooltip="The quantized MODEL; save it with LowBitSaveQuantizedUNet.")],
         )
@@ -41,18 +93,44 @@ class LowBitQuantizeUNet(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, method, bits, group_size) -> io.NodeOutput:
+    def execute(cls, model, method, bits, group_size, calibration=None, options=None) -> io.NodeOutput:
         unet_config = check_sdxl_model(model)
         quant_method = get_method(method)
-        config = quant_method.config_type(bits=bits, group_size=group_size)
-        layers = source_layers(model)
-        logging.info(f"LowBit: quantizing {len(layers)} layers with {method} {config}")
+        options = options or QuantOptions(method)
+        config = method_config(method, bits, group_size, options)
+        if quant_method.needs_calibration and calibration is None:
+            raise LowBitError(f"LowBitQuantizeUNet: {method} needs calibration data; connect a LowBitCalibrate "
+                              "node to the calibration input")
+        record = None if calibration is None or method == "rtn" else calibration.load()
+        runs_model = record is not None
+        if runs_model:
+            # the methods run the UNet itself; loading applies the MODEL's weight patches (LoRA) to it, and
+            # every method restores the modules it swaps, so the MODEL computes what it did before
+            comfy.model_management.load_models_gpu([model])
+            unet = model.model.diffusion_model
+            layers = _layer_filter(select_layers(unet), options.layers)
+        else:
+            unet, layers = None, _layer_filter(source_layers(model), options.layers)
+        described = quant_method.describe(config)
+        key = run_key(method, described, layers, calibration.path if record is not None else "")
+        folder = os.path.join(folder_paths.get_output_directory(), CHECKPOINT_FOLDER, f"{method}_{key}")
+        if method == "pcr":
+            record.settings["sampler"] = trajectory_sampler(record)  # in memory only: re-runs the trajectories
+            config = dataclasses.replace(config, checkpoint=folder + ".safetensors")
+            os.makedirs(os.path.dirname(folder), exist_ok=True)
+        logging.info(f"LowBit: quantizing {len(layers)} layers with {method} {described}"
+                     + (f" on {len(record)} calibration calls" if record is not None else " (data-free)"))
         t0 = time.perf_counter()
-        qlayers = quantize_layers_of(None, layers, config, progress=comfy_progress())
+        checkpoint = LayerCheckpoint(folder, method, described)
+        qlayers = quantize_layers_of(unet, layers, config, record, progress=comfy_progress("quantize"),
+                                     checkpoint=checkpoint)
         logging.info(f"LowBit: quantized in {time.perf_counter() - t0:.1f} s")
-        info = {"method": method, "method_config": quant_method.describe(config), "arch": unet_config.pop("arch"),
+        info = {"method": method, "method_config": described, "arch": unet_config.pop("arch"),
                 "unet_config": unet_config}
         out = build_model(qlayers, dense_state(model, qlayers, with_patches=True), info,
                           model_config=model.model.model_config)
         out.model_options = model.clone().model_options  # keep the MODEL's sampler/attention patches
+        checkpoint.clear()
+        if method == "pcr" and os.path.exists(config.checkpoint):
+            os.remove(config.checkpoint)
         return io.NodeOutput(out)

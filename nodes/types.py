@@ -2,3 +2,4 @@
 from comfy_api.latest import io
 
 Calibration = io.Custom("LOWBIT_CALIBRATION")
+Options = io.Custom("LOWBIT_OPTIONS")

@@ -3,7 +3,8 @@ from typing import Optional
 
 from torch import nn
 
-from .methods import ProgressFn, method_for_config
+from .methods import Method, ProgressFn, method_for_config
+from .resume import LayerCheckpoint, quantize_in_parts
 from .selection import select_layers
 
 
@@ -13,9 +14,16 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_layers_of(unet: Optional[nn.Module], layers: dict, config, calibration=None,
-                       progress: Optional[ProgressFn] = None) -> dict:
-    """name -> QuantizedLayer for `layers` (name -> module); `unet` is None when only weights are at hand."""
+                       progress: Optional[ProgressFn] = None, checkpoint: Optional[LayerCheckpoint] = None) -> dict:
+    """name -> QuantizedLayer for `layers` (name -> module); `unet` is None when only weights are at hand.
+    With `checkpoint`, methods whose layers are independent (no model run) save finished layers as they go
+    and skip those a previous, interrupted run finished; methods that run the model keep their own
+    checkpoints (PCR: its config's `checkpoint` file)."""
     method = method_for_config(config)
+    independent = unet is None or type(method).quantize_model is Method.quantize_model
+    if independent and checkpoint is not None:
+        return quantize_in_parts(lambda chunk, p: method.quantize_layers(chunk, config, calibration, p), layers,
+                                 checkpoint, progress=progress)
     if unet is None:
         return method.quantize_layers(layers, config, calibration, progress)
     return method.quantize_model(unet, layers, config, calibration, progress)

@@ -10,7 +10,7 @@ File format (one .safetensors file):
   tensor kwarg name; the step number has at least 4 digits), and `step0000.output` (the key `output` is
   reserved) for the recorded prediction when the record has outputs;
 - metadata `lowbit_calibration` = format version ("1") and `record` = JSON {"steps": N, "outputs": bool,
-  "settings": {...}}.
+  "settings": {...}, "cond_or_uncond": [[0, 1], ...] per call, or null when unknown}.
 Writing is atomic (temp file + rename). Loading validates the container and the key table against the metadata
 and never unpickles anything.
 """
@@ -40,10 +40,16 @@ class CalibrationRecord:
     inputs: list                     # per call: {kwarg name: tensor} (ComfyUI UNetModel.forward convention)
     outputs: Optional[list] = None   # per call: the full-precision prediction, or None
     settings: dict = field(default_factory=dict)  # JSON-serialisable description of how it was made
+    # per call: ComfyUI's cond_or_uncond chunk labels (0 cond, 1 uncond) when known, so a sampler re-running
+    # the record can apply CFG (lowbit.quant_core.trajectory)
+    cond_or_uncond: Optional[list] = None
 
     def __post_init__(self):
         if self.outputs is not None and len(self.outputs) != len(self.inputs):
             raise LowBitError(f"calibration record: {len(self.outputs)} outputs for {len(self.inputs)} inputs")
+        if self.cond_or_uncond is not None and len(self.cond_or_uncond) != len(self.inputs):
+            raise LowBitError(f"calibration record: {len(self.cond_or_uncond)} cond/uncond labels for "
+                              f"{len(self.inputs)} inputs")
         for step in self.inputs:
             if OUTPUT_NAME in step:
                 raise LowBitError(f"calibration record: the input name '{OUTPUT_NAME}' is reserved")
@@ -64,7 +70,8 @@ class CalibrationRecord:
                 tensors[f"step{i:04d}.{OUTPUT_NAME}"] = self.outputs[i].detach().cpu().contiguous().clone()
         try:
             record = json.dumps({"steps": len(self.inputs), "outputs": self.outputs is not None,
-                                 "settings": self.settings}, sort_keys=True)
+                                 "settings": self.settings, "cond_or_uncond": self.cond_or_uncond},
+                                sort_keys=True)
         except TypeError as e:
             raise LowBitError(f"calibration settings must be JSON-serialisable: {e}") from None
         folder = os.path.dirname(os.path.abspath(path))
@@ -95,8 +102,10 @@ class CalibrationRecord:
             steps, has_outputs, settings = record["steps"], record["outputs"], record["settings"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise FileFormatError(f"{path}: calibration metadata is malformed; the file is corrupt") from None
+        labels = record.get("cond_or_uncond")
         if not isinstance(steps, int) or steps < 0 or not isinstance(has_outputs, bool) \
-                or not isinstance(settings, dict):
+                or not isinstance(settings, dict) or not (labels is None or (isinstance(labels, list)
+                                                                             and len(labels) == steps)):
             raise FileFormatError(f"{path}: calibration metadata is malformed; the file is corrupt")
         expected_steps = set(range(steps))
         seen = {}
@@ -126,7 +135,7 @@ class CalibrationRecord:
                 outputs[i] = t
             else:
                 inputs[i][name] = t
-        return cls(inputs, outputs, settings)
+        return cls(inputs, outputs, settings, labels)
 
 
 def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
@@ -148,8 +157,9 @@ def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) ->
 def record_unet_calls(unet: nn.Module, fn: Callable[[], None], settings: Optional[dict] = None,
                       keep_outputs: bool = True) -> CalibrationRecord:
     """Run `fn()` and record every `unet.forward` call it causes (tensor kwargs, and outputs unless not
-    keep_outputs), copied to the CPU. Non-tensor arguments (transformer_options, control) are not recorded."""
-    inputs, outputs = [], []
+    keep_outputs), copied to the CPU. Non-tensor arguments (transformer_options, control) are not recorded,
+    except transformer_options['cond_or_uncond'] (which batch chunks are cond/uncond) when every call has it."""
+    inputs, outputs, labels = [], [], []
     forward = unet.forward
     signature = inspect.signature(forward)
     had_own_forward = "forward" in unet.__dict__
@@ -158,6 +168,8 @@ def record_unet_calls(unet: nn.Module, fn: Callable[[], None], settings: Optiona
         result = forward(*args, **kwargs)
         named = _named_arguments(signature, args, kwargs)
         inputs.append({k: v.detach().cpu().clone() for k, v in named.items() if isinstance(v, torch.Tensor)})
+        chunks = (named.get("transformer_options") or {}).get("cond_or_uncond")
+        labels.append([int(c) for c in chunks] if chunks else None)
         if keep_outputs:
             if not isinstance(result, torch.Tensor):
                 raise LowBitError(f"cannot record UNet outputs of type {type(result).__name__}; pass "
@@ -173,4 +185,6 @@ def record_unet_calls(unet: nn.Module, fn: Callable[[], None], settings: Optiona
             unet.forward = forward
         else:
             del unet.forward
-    return CalibrationRecord(inputs, outputs if keep_outputs else None, dict(settings or {}))
+    known = all(label is not None for label in labels) and labels
+    return CalibrationRecord(inputs, outputs if keep_outputs else None, dict(settings or {}),
+                             labels if known else None)

@@ -34,15 +34,19 @@ def read_safetensors_header(path) -> dict:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            head = f.read(9)
+            (n,) = struct.unpack("<Q", head[:8]) if len(head) >= 8 else (0,)
+            plausible = 0 < n <= min(size - 8, 100 * 2 ** 20) and head[8:9] == b"{"
+            # a safetensors length can start with the same bytes as a pickle or zip: only an implausible
+            # safetensors header is diagnosed as a pickle
+            if not plausible and (head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")):
                 raise FileFormatError(
                     f"{path} is a PyTorch pickle (.ckpt/.pt), not safetensors; LowBit never loads pickles: "
                     "convert it to .safetensors first (e.g. load it in ComfyUI and save with CheckpointSave)")
             if len(head) < 8:
                 raise FileFormatError(f"{path} is empty or truncated (under 8 bytes); re-download or re-create it")
-            (n,) = struct.unpack("<Q", head)
-            if n <= 0 or n > min(size - 8, 100 * 2 ** 20):
+            f.seek(8)
+            if not plausible:
                 raise FileFormatError(f"{path} is not a safetensors file (bad header length {n}) or is truncated; "
                                       "pass a .safetensors file written by LowBit")
             raw = f.read(n)
@@ -142,8 +146,9 @@ def file_tensors(layers: dict, dense: dict, dense_dtype=DENSE_DTYPE) -> tuple[di
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach().to("cpu", dense_dtype).contiguous()
     for key, t in dense.items():
+        # no extra copy of tensors already stored in 16 bits: on a CPU a full SDXL dense part is ~5 GB
         t = t.detach().cpu()
-        tensors[key] = (t.to(dense_dtype) if t.is_floating_point() else t).contiguous().clone()
+        tensors[key] = (t.to(dense_dtype) if t.is_floating_point() else t).contiguous()
     return tensors, table
 
 

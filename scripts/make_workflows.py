@@ -22,7 +22,17 @@ SOCKETS = {
     "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
     "SaveImage": ([("images", "IMAGE")], ["filename_prefix"], []),
     "Note": ([], ["text"], []),
-    "LowBitQuantizeUNet": ([("model", "MODEL")], ["method", "bits", "group_size"], [("MODEL", "MODEL")]),
+    "LowBitQuantizeUNet": ([("model", "MODEL"), ("calibration", "LOWBIT_CALIBRATION"), ("options", "LOWBIT_OPTIONS")],
+                           ["method", "bits", "group_size"], [("MODEL", "MODEL")]),
+    "LowBitCalibrate": ([("model", "MODEL"), ("clip", "CLIP")],
+                        ["prompts", "negative_prompt", "width", "height", "steps", "cfg", "sampler_name",
+                         "scheduler", "seed", "max_prompts"], [("calibration", "LOWBIT_CALIBRATION")]),
+    "LowBitVQOptions": ([], ["format", "beam_size", "max_rounds", "distill_steps", "seed", "layers"],
+                        [("options", "LOWBIT_OPTIONS")]),
+    "LowBitDGQOptions": ([], ["bits", "groups", "range_search", "quantize_attention", "layers"],
+                         [("options", "LOWBIT_OPTIONS")]),
+    "LowBitPCROptions": ([], ["bits", "progressive", "relax", "relax_fraction", "layers"],
+                         [("options", "LOWBIT_OPTIONS")]),
     "LowBitSaveQuantizedUNet": ([("model", "MODEL")], ["filename_prefix"], [("path", "STRING")]),
     "LowBitLoadQuantizedUNet": ([], ["unet_name"], [("MODEL", "MODEL")]),
     "LowBitModelInfo": ([("model", "MODEL")], [], [("report", "STRING")]),
@@ -31,6 +41,8 @@ SOCKETS = {
                       ["width", "height", "steps", "cfg", "sampler_name", "scheduler", "seed"],
                       [("grid", "IMAGE"), ("report", "STRING")]),
     "PreviewImage": ([("images", "IMAGE")], [], []),
+    "LowBitTestbedLoader": ([], ["weights"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "ImageScaleBy": ([("image", "IMAGE")], ["upscale_method", "scale_by"], [("IMAGE", "IMAGE")]),
 }
 UI_ONLY_WIDGETS = {"control_after_generate"}
 UI_ONLY_TYPES = {"Note"}
@@ -145,6 +157,123 @@ WORKFLOWS = {
             "difference x8, and reports PSNR, latent error, sizes and sampling times.")}),
     ],
 }
+
+
+# The trained testbed (bench/testbed): 32x32 images of captioned shapes, runs in seconds on a CPU.
+TESTBED_PROMPT = "a small red circle top left on green"  # a held-out (colour, shape, position): never trained on
+
+
+def testbed_prompts(first_id):
+    return [
+        node(first_id, "CLIPTextEncode", [420, 80], {"text": TESTBED_PROMPT}, {"clip": (1, 1)}, "Positive prompt"),
+        node(first_id + 1, "CLIPTextEncode", [420, 300], {"text": ""}, {"clip": (1, 1)}, "Negative prompt"),
+    ]
+
+
+def testbed_generate():
+    return [
+        node(1, "LowBitTestbedLoader", [0, 200], {"weights": "testbed.safetensors"}),
+        *testbed_prompts(2),
+        node(4, "EmptyLatentImage", [420, 520], {"width": 32, "height": 32, "batch_size": 1}),
+        node(5, "KSampler", [820, 200],
+             {"seed": 42, "control_after_generate": "fixed", "steps": 20, "cfg": 5.0,
+              "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+             {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)}),
+        node(6, "VAEDecode", [1180, 200], {}, {"samples": (5, 0), "vae": (1, 2)}),
+        node(7, "SaveImage", [1540, 200], {"filename_prefix": "lowbit/testbed"}, {"images": (6, 0)}),
+        node(8, "ImageScaleBy", [1180, 420], {"upscale_method": "nearest-exact", "scale_by": 8.0},
+             {"image": (6, 0)}, "Enlarge x8 (view only)"),
+        node(9, "PreviewImage", [1540, 560], {}, {"images": (8, 0)}),
+        node(10, "Note", [0, 460], {"text": (
+            "LowBit testbed: a small SDXL-structured UNet trained on 32x32 pictures of coloured shapes, shipped "
+            "with the pack, with its own text encoder and a lossless pixel 'VAE'; the stock CLIPTextEncode, "
+            "KSampler, VAEDecode and SaveImage run it in seconds on a CPU. Prompts use the dataset's words: "
+            "'a small|large <red|green|blue|yellow|purple|cyan|white|black> <circle|square|triangle> "
+            "<top left|top right|bottom left|bottom right|center> on <colour>', optionally two shapes joined "
+            "by 'and'. Keep the latent at 32x32. Put 'Quantize UNet (LowBit)' between the loader and KSampler "
+            "to see a quantized model.")}),
+    ]
+
+
+def testbed_compare():
+    return [
+        node(1, "LowBitTestbedLoader", [0, 200], {"weights": "testbed.safetensors"}),
+        node(2, "LowBitQuantizeUNet", [0, 420], {"method": "rtn", "bits": 4, "group_size": 128},
+             {"model": (1, 0)}),
+        *testbed_prompts(3),
+        node(5, "LowBitCompare", [820, 200],
+             {"seed": 42, "width": 32, "height": 32, "steps": 20, "cfg": 5.0, "sampler_name": "euler",
+              "scheduler": "normal"},
+             {"fp_model": (1, 0), "quantized_model": (2, 0), "positive": (3, 0), "negative": (4, 0),
+              "vae": (1, 2)}),
+        node(6, "ImageScaleBy", [1220, 200], {"upscale_method": "nearest-exact", "scale_by": 8.0},
+             {"image": (5, 0)}, "Enlarge x8 (view only)"),
+        node(7, "PreviewImage", [1580, 200], {}, {"images": (6, 0)}),
+        node(8, "Note", [0, 680], {"text": (
+            "Compare on the LowBit testbed (seconds on a CPU): the trained 32x32 testbed model against its RTN "
+            "4-bit copy, same seed: fp | quantized | difference x8, with PSNR, latent error, sizes and "
+            "sampling times in the report.")}),
+    ]
+
+
+WORKFLOWS["lowbit_testbed_generate"] = testbed_generate()
+WORKFLOWS["lowbit_testbed_compare"] = testbed_compare()
+
+
+CALIBRATION_PROMPTS = "\n".join([
+    "a photo of a red fox in the snow, detailed",
+    "a watercolor painting of a lighthouse at sunset",
+    "a portrait of an old fisherman, studio lighting",
+    "a bowl of fruit on a wooden table, still life",
+    "a futuristic city street at night, neon lights, rain",
+    "a cozy living room interior, morning light",
+])
+METHOD_NOTES = {
+    "vq": ("LowBit VQ (VQDM/AQLM): groups of 8 weights coded by 3 codebooks of 256 entries (3x8g8, ~3.07 "
+           "bits/weight, SDXL UNet ~1.02 GB). The calibration record makes the fit Hessian-aware (block by "
+           "block); without it VQ is data-free and lower quality. Full SDXL is a long job on a GPU (hours on a "
+           "CPU): the 'layers' option restricts it to matching layers."),
+    "dgq": ("LowBit DGQ: W8A8 with activation groups per timestep (k-means over channels or pixels) and "
+            "log2-quantized attention probabilities, calibrated on the prompts below. Generation uses the "
+            "parameters of the nearest calibrated timestep, so calibrate with the sampler/steps you use."),
+    "pcr": ("LowBit PCR: W8A8 with one activation range per sampling step, recalibrated progressively on the "
+            "quantized model's own trajectory (about steps/2 extra sampling passes), the first 20% of steps at "
+            "10-bit activations. Interrupted runs resume from output/lowbit_checkpoints when queued again."),
+}
+METHOD_OPTIONS = {
+    "vq": ("LowBitVQOptions", {"format": "3x8g8", "beam_size": 8, "max_rounds": 10, "distill_steps": 0,
+                               "seed": 0, "layers": ""}),
+    "dgq": ("LowBitDGQOptions", {"bits": "W8A8", "groups": "8", "range_search": False,
+                                 "quantize_attention": True, "layers": ""}),
+    "pcr": ("LowBitPCROptions", {"bits": "W8A8", "progressive": True, "relax": "first", "relax_fraction": 0.2,
+                                 "layers": ""}),
+}
+
+
+def calibrate_quantize_save(method):
+    """Checkpoint -> LowBitCalibrate -> (options) -> LowBitQuantizeUNet -> save + info."""
+    options_type, options = METHOD_OPTIONS[method]
+    return [
+        node(1, "CheckpointLoaderSimple", [0, 200], {"ckpt_name": "sd_xl_base_1.0.safetensors"}),
+        node(2, "LowBitCalibrate", [380, 80],
+             {"prompts": CALIBRATION_PROMPTS, "negative_prompt": NEGATIVE, "width": 1024, "height": 1024,
+              "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "seed": 0,
+              "max_prompts": 64}, {"model": (1, 0), "clip": (1, 1)}),
+        node(3, options_type, [380, 560], options),
+        node(4, "LowBitQuantizeUNet", [780, 200], {"method": method, "bits": 8, "group_size": 0},
+             {"model": (1, 0), "calibration": (2, 0), "options": (3, 0)}),
+        node(5, "LowBitSaveQuantizedUNet", [1160, 200], {"filename_prefix": f"lowbit/sdxl_{method}"},
+             {"model": (4, 0)}),
+        node(6, "LowBitModelInfo", [1160, 400], {}, {"model": (4, 0)}),
+        node(7, "Note", [0, 560], {"text": METHOD_NOTES[method] + (
+            " Calibrate samples each prompt with ComfyUI's own sampler and records the UNet calls (output/"
+            "lowbit_calibration; reused when the settings are the same). Load the saved file with 'Load LowBit "
+            "UNet' (workflow lowbit_load_and_generate).")}),
+    ]
+
+
+for _method in METHOD_OPTIONS:
+    WORKFLOWS[f"lowbit_{_method}_calibrate_quantize_save"] = calibrate_quantize_save(_method)
 
 
 def main(check=False):

@@ -154,6 +154,21 @@ def _rewrite_header(src, dst, mutate):
     dst.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
 
 
+def test_header_length_with_pickle_like_bytes_is_still_safetensors(tmp_path):
+    """A safetensors header length whose low byte is 0x80 (a pickle's first byte) is a valid file."""
+    from safetensors.torch import save_file
+    for pad in range(64):
+        path = tmp_path / f"t{pad}.safetensors"
+        save_file({"w": torch.zeros(3)}, str(path), metadata={"pad": "x" * pad})
+        (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+        if n % 256 == 0x80:
+            break
+    else:
+        pytest.fail("no padding gives a header length ending in 0x80")
+    header = fileformat.read_safetensors_header(path)
+    assert header["w"]["shape"] == [3]
+
+
 def test_bad_files_are_rejected_with_clear_messages(tmp_path):
     _, good = _saved(tmp_path)
     pickle_file = tmp_path / "pickle.safetensors"

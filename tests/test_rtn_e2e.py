@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -30,6 +31,34 @@ def test_rtn_workflow_runs_in_real_comfyui(comfy_server):
     saved = history["outputs"]["9"]["text"][0]
     assert saved.endswith("_00001_.safetensors")
     STATE["saved"], STATE["image"] = saved, images[0]
+
+
+def test_interrupted_quantization_resumes_to_the_same_file(comfy_server):
+    """POST /interrupt mid-quantization writes no output file and keeps the finished parts; queueing the
+    same workflow again resumes from them and saves a file byte-identical to the uninterrupted run's."""
+    from helpers.comfy_server import ComfyInterrupted
+    comfy_server.free()  # drop ComfyUI's cached node outputs so the quantize node really runs again
+    time.sleep(3)  # the server applies /free when its prompt worker wakes up
+    prompt = load_api_workflow("lowbit_rtn_quantize_and_generate", **{
+        "1__ckpt_name": "sdxl_random.safetensors", "5__width": 64, "5__height": 64, "6__steps": 2,
+        "8__filename_prefix": "e2e/resumed", "9__filename_prefix": "e2e/resumed_w4"})
+    saved_dir = comfy_server.output_dir / "diffusion_models" / "e2e"
+    checkpoints = comfy_server.output_dir / "lowbit_checkpoints"
+    with comfy_server.ws_connect() as ws:
+        pid = comfy_server.queue(prompt, client_id=ws.client_id)
+        ws.wait_for(lambda m: m["type"] == "progress" and m["data"].get("node") == "2"
+                    and m["data"].get("value", 0) >= 300, timeout=1200)
+        comfy_server.interrupt()
+        with pytest.raises(ComfyInterrupted):
+            comfy_server.wait(pid, timeout=600)
+    assert not list(saved_dir.glob("resumed_w4*"))  # nothing written, not even a partial file
+    (run_dir,) = list(checkpoints.iterdir())
+    assert len(list(run_dir.glob("part_*.safetensors"))) >= 4  # >= 256 finished layers kept
+    history = comfy_server.run(prompt, timeout=1200)
+    resumed = history["outputs"]["9"]["text"][0]
+    with open(resumed, "rb") as a, open(STATE["saved"], "rb") as b:
+        assert a.read() == b.read()
+    assert not list(checkpoints.iterdir())  # removed once the run finished
 
 
 def _pixels(path):

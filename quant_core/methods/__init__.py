@@ -56,3 +56,6 @@ def method_for_config(config) -> Method:
 
 from . import rtn  # noqa: E402,F401  (registers built-in methods)
 from . import vq  # noqa: E402,F401
+from . import dgq  # noqa: E402,F401
+from . import minmax  # noqa: E402,F401
+from . import pcr  # noqa: E402,F401

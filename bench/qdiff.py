@@ -1,0 +1,62 @@
+"""`python -m lowbit bench qdiff`: QDiffBench-style fidelity of PCR's calibration variants on the testbed.
+
+Entries, all PCR at one W·A· setting with the same calibration record and sampler:
+- `oneshot`: every step's activation range from the full-precision pass only (progressive=False, no relaxing);
+- `progressive`: progressive calibration, no relaxing;
+- `progressive_relaxed`: progressive calibration with 10-bit activations on the first 20% of the steps.
+Each is sampled on the same in-domain and held-out prompts and seeds as the full-precision model and
+scored by PSNR and Fréchet distance to the fp samples ("FID to FP") and by alignment. `ratios` gives each
+entry's Fréchet distance and MSE to fp (10^(−PSNR/10)) relative to `oneshot`. Same testbed, prompts,
+calibration and output conventions as `bench quality` (default bench/results/qdiff_<bits>_seed<S>.json,
+PNG grid beside it).
+"""
+import json
+import sys
+import time
+
+from .quality import SPLITS, add_common_arguments, load_testbed_run, output_paths, parse_bits, quantized_copy, \
+    save_rows_grid
+
+VARIANTS = {"oneshot": {"progressive": False, "relax": "none"},
+            "progressive": {"progressive": True, "relax": "none"},
+            "progressive_relaxed": {"progressive": True, "relax": "first", "relax_fraction": 0.2}}
+
+
+def add_arguments(p):
+    add_common_arguments(p)
+
+
+def run(args):
+    import torch
+    from ..quant_core.methods.pcr import PCR, PCRConfig
+    weight_bits, act_bits = parse_bits(args.bits)
+    if act_bits is None:
+        raise SystemExit(f"qdiff compares activation calibrations: give W{weight_bits}A<bits>")
+    path, grid = output_paths(args.out, f"qdiff_{args.bits.upper()}_seed{args.seed}")
+    start = time.perf_counter()
+    testbed = load_testbed_run(args.n, args.seed, args.steps, args.cfg)
+    reference = testbed.samples(testbed.unet)
+    calibration = testbed.calibration(args.calib_prompts)
+    rows, entries = {"fp": reference}, {}
+    for name, options in VARIANTS.items():
+        t0 = time.perf_counter()
+        config = PCRConfig(weight_bits=weight_bits, act_bits=act_bits, **options)
+        rows[name] = testbed.samples(quantized_copy(testbed, config, calibration))
+        entries[name] = {"config": PCR().describe(config), **testbed.metrics(rows[name], reference),
+                         "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{name}: {json.dumps({s: entries[name][s] for s in SPLITS})}", file=sys.stderr, flush=True)
+    ratios = {}
+    for name, entry in entries.items():
+        ratios[name] = {}
+        for split in SPLITS:
+            base = entries["oneshot"][split]
+            ratios[name][split] = {
+                "frechet": round(entry[split]["frechet"] / base["frechet"], 4) if base["frechet"] else None,
+                "mse": round(10 ** ((base["psnr"] - entry[split]["psnr"]) / 10), 4)}
+    report = {"benchmark": "qdiff", "bits": args.bits.upper(), "seed": args.seed, "prompts_per_split": args.n,
+              "steps": args.steps, "cfg": args.cfg, "calibration_prompts": args.calib_prompts, "device": "cpu",
+              "torch_threads": torch.get_num_threads(), **entries, "ratios_to_oneshot": ratios,
+              "seconds": round(time.perf_counter() - start, 1), "grid": str(grid)}
+    save_rows_grid(rows, testbed, grid)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))

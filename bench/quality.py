@@ -1,0 +1,210 @@
+"""`python -m lowbit bench quality`: the quantization methods on the trained testbed, against full precision.
+
+Every method quantizes a copy of the testbed UNet at one W·A· setting (`--bits W4A8`; `W3` = weights only),
+then samples the same in-domain and held-out prompts with the same seed, sampler (euler, normal schedule) and
+CFG as the full-precision model. Per method and split: PSNR to the fp samples, Fréchet distance between the
+classifier features of its samples and of the fp samples ("FID to FP"), and the prompt alignment score; per
+method the weight bits (stored weight tensors only, over the quantized layers' weights), the bytes of the
+LowBit file it makes (16-bit rest of the UNet and calibrated activation tables included) and its wall time.
+Weight-only methods (rtn, vq) run at the weight width (rtn: its default groups of 128; vq: the format with
+the nearest bits, with a shortened codebook search to fit the CPU budget); activation methods (minmax, dgq,
+pcr, and `dgq_fp_attention`: DGQ with the attention matmuls in full precision, like minmax and pcr) need an
+A·; a method that does not apply is skipped with the reason.
+Calibration: the fp model samples `--calib-prompts` in-domain prompts (another seed than the test prompts);
+that record (and, for PCR, its sampler) is every method's calibration. Deterministic: same arguments, same
+numbers. Writes JSON (default bench/results/quality_<bits>_seed<S>.json) and a PNG grid next to it
+(rows: fp then each method; columns: 4 in-domain then 4 held-out prompts).
+"""
+import copy
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+METHOD_NAMES = ("rtn", "minmax", "vq", "dgq", "pcr")
+# also accepted by --methods: DGQ with the attention matmuls (Q/K/V, softmax) left in full precision, the
+# like-for-like comparison with minmax and pcr, which quantize Linear/Conv2d inputs only
+EXTRA_METHODS = ("dgq_fp_attention",)
+VQ_BENCH_EFFORT = {"max_rounds": 1, "beam_size": 4, "kmeans_iters": 10, "refit_iters": 10}
+SPLITS = ("in_domain", "held_out")
+GRID_PER_SPLIT = 4
+
+
+def parse_bits(spec: str) -> tuple[int, "int | None"]:
+    """'W4A8' -> (4, 8); 'W3' -> (3, None)."""
+    match = re.fullmatch(r"W(\d+)(?:A(\d+))?", spec.strip().upper())
+    if match is None:
+        raise ValueError(f"--bits {spec!r}: expected W<bits>[A<bits>], e.g. W4A8, W8A6 or W3")
+    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
+
+
+def method_config(method: str, weight_bits: int, act_bits):
+    """(config, note) of `method` at the setting; config None when the method does not apply."""
+    from ..quant_core.methods.dgq import DGQConfig
+    from ..quant_core.methods.minmax import MinMaxConfig
+    from ..quant_core.methods.pcr import PCRConfig
+    from ..quant_core.methods.rtn import RTNConfig
+    if method == "rtn":
+        return RTNConfig(bits=weight_bits), None if act_bits is None else f"weight-only: runs at W{weight_bits}"
+    if method == "vq":
+        from ..quant_core.methods.vq import VQConfig
+        codebooks = min((2, 3, 4), key=lambda m: abs(m - weight_bits))  # m codebooks: m code bits per weight
+        # shortened search (one beam round) to fit the bench's CPU budget; the format is the full one
+        return VQConfig(num_codebooks=codebooks, **VQ_BENCH_EFFORT), \
+            f"weight-only, nearest format {codebooks}x8g8, shortened search {VQ_BENCH_EFFORT}"
+    if act_bits is None:
+        return None, f"{method} quantizes activations: give W{weight_bits}A<bits>"
+    if method == "dgq_fp_attention":
+        return DGQConfig(weight_bits=weight_bits, act_bits=act_bits, quantize_attention=False), None
+    config_type = {"minmax": MinMaxConfig, "dgq": DGQConfig, "pcr": PCRConfig}[method]
+    return config_type(weight_bits=weight_bits, act_bits=act_bits), None
+
+
+@dataclass
+class Testbed:
+    unet: object
+    text_encoder: object
+    tokenizer: object
+    classifier: object
+    prompts: dict          # split -> prompts
+    seed: int
+    steps: int
+    cfg: float
+
+    def sample(self, unet, prompts, seed):
+        from .testbed.sample import sample
+        return sample(unet, self.text_encoder, self.tokenizer, prompts, seed, self.steps, self.cfg)
+
+    def samples(self, unet) -> dict:
+        return {split: self.sample(unet, prompts, self.seed) for split, prompts in self.prompts.items()}
+
+    def metrics(self, samples: dict, reference: dict) -> dict:
+        import torch
+        from ..quant_core.testbed.metrics import frechet_distance, psnr
+        out = {}
+        with torch.no_grad():
+            for split, images in samples.items():
+                value = psnr(images, reference[split])
+                out[split] = {"psnr": round(value, 4) if math.isfinite(value) else None,  # fp vs itself
+                              "frechet": round(frechet_distance(self.classifier.features(images),
+                                                                self.classifier.features(reference[split])), 4),
+                              "alignment": round(self.classifier.alignment(images, self.prompts[split]), 4)}
+        return out
+
+    def calibration(self, n_prompts: int):
+        """Calibration record of the fp model on other in-domain prompts, with its sampler for PCR."""
+        from ..quant_core.calibration import record_unet_calls
+        from ..quant_core.methods.pcr import SAMPLER_KEY
+        from ..quant_core.testbed.data import in_domain_prompts
+        prompts = in_domain_prompts(n_prompts, self.seed + 1000)
+
+        def sampler(unet):
+            self.sample(unet, prompts, self.seed + 1000)
+        return record_unet_calls(self.unet, lambda: sampler(self.unet),
+                                 {SAMPLER_KEY: sampler, "prompts": prompts, "steps": self.steps, "cfg": self.cfg,
+                                  "seed": self.seed + 1000})
+
+
+def load_testbed_run(n: int, seed: int, steps: int, cfg: float) -> Testbed:
+    from ..quant_core.testbed.data import held_out_prompts, in_domain_prompts
+    from .testbed.model import load_classifier, load_testbed
+    unet, text_encoder, tokenizer, _ = load_testbed()
+    return Testbed(unet, text_encoder, tokenizer, load_classifier(),
+                   {"in_domain": in_domain_prompts(n, seed), "held_out": held_out_prompts(n, seed)}, seed, steps, cfg)
+
+
+def size_stats(unet) -> dict:
+    """bits_per_weight over the quantized layers' weights (their weight tensors only) and the LowBit file's
+    bytes (everything it would store)."""
+    from ..quant_core.fileformat import module_summary
+    from ..quant_core.qlayers import QuantizedLayer
+    layers = [m for m in unet.modules() if isinstance(m, QuantizedLayer)]
+    weight_bytes = sum(getattr(m, n).numel() * getattr(m, n).element_size() for m in layers for n in m.tensor_names)
+    weights = sum(math.prod(m.weight_shape) for m in layers)
+    return {"bits_per_weight": round(8 * weight_bytes / weights, 4), "bytes": module_summary(unet)["total_bytes"]}
+
+
+def quantized_copy(testbed: Testbed, config, calibration):
+    from ..quant_core.api import quantize
+    return quantize(copy.deepcopy(testbed.unet), config, calibration)
+
+
+def save_rows_grid(rows: dict, testbed: Testbed, path) -> None:
+    """PNG: one row per entry of `rows` (name -> samples per split), first GRID_PER_SPLIT of each split."""
+    import torch
+    from .testbed.sample import save_grid
+    images, labels = [], []
+    for name, samples in rows.items():
+        for split in SPLITS:
+            images.append(samples[split][:GRID_PER_SPLIT])
+            labels += [f"{name}: {p}" for p in testbed.prompts[split][:GRID_PER_SPLIT]]
+    save_grid(torch.cat(images), labels, path, columns=GRID_PER_SPLIT * len(SPLITS))
+
+
+def output_paths(out, stem: str) -> tuple[Path, Path]:
+    path = Path(out) if out else RESULTS_DIR / f"{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, path.with_suffix(".png")
+
+
+def add_common_arguments(p):
+    p.add_argument("--bits", default="W4A8", help="W<bits>[A<bits>] (W4A8, W8A6, W3 weight-only, ...)")
+    p.add_argument("--seed", type=int, default=0, help="prompt and noise seed")
+    p.add_argument("--out", default="", help="JSON to write (default under bench/results/); PNG grid beside it")
+    p.add_argument("--n", type=int, default=16, help="prompts per split (in-domain, held-out)")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps (euler, normal schedule)")
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--calib-prompts", type=int, default=32, help="calibration prompts")
+
+
+def add_arguments(p):
+    p.add_argument("--methods", default=",".join(METHOD_NAMES),
+                   help="comma-separated: " + ", ".join(METHOD_NAMES + EXTRA_METHODS))
+    add_common_arguments(p)
+
+
+def run(args):
+    import torch
+    weight_bits, act_bits = parse_bits(args.bits)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHOD_NAMES + EXTRA_METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHOD_NAMES + EXTRA_METHODS)}")
+    path, grid = output_paths(args.out, f"quality_{args.bits.upper()}_seed{args.seed}")
+    start = time.perf_counter()
+    testbed = load_testbed_run(args.n, args.seed, args.steps, args.cfg)
+    reference = testbed.samples(testbed.unet)
+    fp_params = sum(p.numel() for p in testbed.unet.state_dict().values())
+    results = {"fp": {"bits_per_weight": 16, "bytes": 2 * fp_params, **testbed.metrics(reference, reference)}}
+    rows, skipped = {"fp": reference}, {}
+    calibration = None
+    for method in methods:
+        config, note = method_config(method, weight_bits, act_bits)
+        if config is None:
+            skipped[method] = note
+            print(f"skipping {method}: {note}", file=sys.stderr)
+            continue
+        if note:
+            print(f"{method}: {note}", file=sys.stderr)
+        t0 = time.perf_counter()
+        if calibration is None:
+            calibration = testbed.calibration(args.calib_prompts)
+        unet = quantized_copy(testbed, config, calibration)
+        rows[method] = testbed.samples(unet)
+        from ..quant_core.methods import method_for_config
+        results[method] = {"config": method_for_config(config).describe(config), **size_stats(unet),
+                           **testbed.metrics(rows[method], reference), "seconds": round(time.perf_counter() - t0, 1)}
+        if note:
+            results[method]["note"] = note
+        print(f"{method}: {json.dumps({s: results[method][s] for s in SPLITS})}", file=sys.stderr, flush=True)
+    report = {"benchmark": "quality", "bits": args.bits.upper(), "seed": args.seed, "prompts_per_split": args.n,
+              "steps": args.steps, "cfg": args.cfg, "calibration_prompts": args.calib_prompts,
+              "device": "cpu", "torch_threads": torch.get_num_threads(), "results": results, "skipped": skipped,
+              "seconds": round(time.perf_counter() - start, 1), "grid": str(grid)}
+    save_rows_grid(rows, testbed, grid)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))

@@ -1,0 +1,134 @@
+"""Per-method option nodes: each outputs LOWBIT_OPTIONS for LowBitQuantizeUNet's `options` input."""
+from dataclasses import dataclass, field
+
+from comfy_api.latest import io
+
+from ..quant_core.bitspec import parse_bits_spec
+from .types import Options
+
+VQ_FORMATS = ["2x8g8", "3x8g8", "4x8g8"]
+DGQ_BITS = ["W8A8", "W4A8", "W8A6", "W4A6"]
+PCR_BITS = ["W8A8", "W4A8"]
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """What flows on a LOWBIT_OPTIONS socket: the method, its config fields and which layers to quantize."""
+    method: str
+    config: dict = field(default_factory=dict)
+    layers: str = ""   # regular expression on layer names ('' = every selected layer)
+
+
+def _layers_input():
+    return io.String.Input("layers", default="", tooltip="Quantize only the layers whose name matches this regular "
+                                                        "expression (e.g. 'output_blocks\\.[0-2]\\.'); empty = all "
+                                                        "771 SDXL layers. The rest stays 16-bit.")
+
+
+def _output():
+    return [Options.Output(display_name="options", tooltip="Connect to LowBitQuantizeUNet's options input.")]
+
+
+class LowBitVQOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LowBitVQOptions",
+            display_name="VQ Options (LowBit)",
+            category="LowBit/quantize",
+            description="Additive vector quantization (VQDM/AQLM): groups of 8 weights coded by M 256-entry "
+                        "codebooks. With a calibration input the fit is Hessian-aware; without, it is data-free "
+                        "(lower quality).",
+            inputs=[
+                io.Combo.Input("format", options=VQ_FORMATS, default="3x8g8",
+                               tooltip="M codebooks x 8 bits, groups of 8: 2x8g8 ≈ 2 bits/weight, 3x8g8 ≈ 3, "
+                                       "4x8g8 ≈ 4 (codebooks and row scales included)."),
+                io.Int.Input("beam_size", default=8, min=1, max=64,
+                             tooltip="Beam width of the code search; larger is slower and slightly better."),
+                io.Int.Input("max_rounds", default=10, min=0, max=100,
+                             tooltip="Beam-search + codebook-refit rounds per layer (stops early when a round "
+                                     "gains < 1%)."),
+                io.Int.Input("distill_steps", default=0, min=0, max=100000,
+                             tooltip="Fine-tuning steps of codebooks and scales on the calibration's fp outputs "
+                                     "(needs a calibration input; 0 = off; slow on CPU)."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
+                             tooltip="Seed of the codebook initialisation (same seed, same file)."),
+                _layers_input(),
+            ],
+            outputs=_output(),
+        )
+
+    @classmethod
+    def execute(cls, format, beam_size, max_rounds, distill_steps, seed, layers) -> io.NodeOutput:
+        num_codebooks = int(format.split("x")[0])
+        return io.NodeOutput(QuantOptions("vq", {"num_codebooks": num_codebooks, "beam_size": beam_size,
+                                                 "max_rounds": max_rounds, "distill_steps": distill_steps,
+                                                 "seed": seed}, layers))
+
+
+class LowBitDGQOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LowBitDGQOptions",
+            display_name="DGQ Options (LowBit)",
+            category="LowBit/quantize",
+            description="Weights and activations (W8A8/W4A8/A6): per-timestep activation groups found by k-means, "
+                        "log2-quantized attention probabilities. Needs a calibration input.",
+            inputs=[
+                io.Combo.Input("bits", options=DGQ_BITS, default="W8A8",
+                               tooltip="Weight and activation bits, e.g. W4A8 = 4-bit weights, 8-bit activations."),
+                io.Combo.Input("groups", options=["8", "16"], default="8",
+                               tooltip="Activation groups per quantizer and timestep (k-means clusters)."),
+                io.Boolean.Input("range_search", default=False,
+                                 tooltip="MSE-searched weight ranges instead of min-max (slower to quantize)."),
+                io.Boolean.Input("quantize_attention", default=True,
+                                 tooltip="Also quantize Q/K/V and the softmax probabilities (log2)."),
+                _layers_input(),
+            ],
+            outputs=_output(),
+        )
+
+    @classmethod
+    def execute(cls, bits, groups, range_search, quantize_attention, layers) -> io.NodeOutput:
+        weight_bits, act_bits = parse_bits_spec(bits)
+        return io.NodeOutput(QuantOptions("dgq", {"weight_bits": weight_bits, "act_bits": act_bits,
+                                                  "groups": int(groups), "range_search": range_search,
+                                                  "quantize_attention": quantize_attention}, layers))
+
+
+class LowBitPCROptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LowBitPCROptions",
+            display_name="PCR Options (LowBit)",
+            category="LowBit/quantize",
+            description="Weights and activations with one activation range per sampling step, recalibrated "
+                        "progressively on the quantized model's own trajectory; relaxed (10-bit) activations "
+                        "on chosen steps. Needs a calibration input.",
+            inputs=[
+                io.Combo.Input("bits", options=PCR_BITS, default="W8A8",
+                               tooltip="Weight and activation bits, e.g. W4A8 = 4-bit weights, 8-bit activations."),
+                io.Boolean.Input("progressive", default=True,
+                                 tooltip="Recalibrate each step on the quantized trajectory (costs about "
+                                         "steps/2 extra calibration passes); off = one-shot fp ranges."),
+                io.Combo.Input("relax", options=["first", "last", "none"], default="first",
+                               tooltip="Which steps run 10-bit activations: the first ones (near pure noise; "
+                                       "the SDXL choice), the last ones, or none."),
+                io.Float.Input("relax_fraction", default=0.2, min=0.0, max=1.0, step=0.05,
+                               tooltip="Fraction of the steps that are relaxed."),
+                _layers_input(),
+            ],
+            outputs=_output(),
+        )
+
+    @classmethod
+    def execute(cls, bits, progressive, relax, relax_fraction, layers) -> io.NodeOutput:
+        weight_bits, act_bits = parse_bits_spec(bits)
+        return io.NodeOutput(QuantOptions("pcr", {"weight_bits": weight_bits, "act_bits": act_bits,
+                                                  "progressive": progressive, "relax": relax,
+                                                  "relax_fraction": relax_fraction}, layers))
+
+
+OPTION_NODES = [LowBitVQOptions, LowBitDGQOptions, LowBitPCROptions]

@@ -1,0 +1,42 @@
+"""Min-max W·A· baseline (Q-Diffusion-style naive PTQ): per-output-channel min-max weights and ONE per-tensor
+min-max range per layer input for all timesteps, from the inputs the full-precision model sees on the
+calibration record's calls. Attention matmuls are not quantized. Timestep-agnostic: the layers need no
+timestep, so the UNet needs no binding."""
+from dataclasses import dataclass
+
+from ..actquant.layers import check_bits, make_act_layer
+from ..actquant.observers import TensorMinMax, observing, recorded_calls, replay
+from ..actquant.params import single_range
+from . import Method, register_method
+
+
+@dataclass(frozen=True)
+class MinMaxConfig:
+    weight_bits: int = 8
+    act_bits: int = 8
+
+    def __post_init__(self):
+        check_bits("minmax", self.weight_bits, self.act_bits)
+
+
+@register_method
+class MinMax(Method):
+    name = "minmax"
+    config_type = MinMaxConfig
+    needs_calibration = True
+
+    def quantize_model(self, unet, layers, config, calibration=None, progress=None):
+        calls = recorded_calls(calibration, self.name)
+        observers = {name: TensorMinMax() for name in layers}
+        with observing(layers, lambda name, module, x: observers[name].update(x)):
+            replay(unet, calls)
+        result = {}
+        for i, (name, module) in enumerate(layers.items()):
+            obs = observers[name]
+            if obs.lo is None:
+                continue  # never called while sampling: stays in full precision
+            act_in = single_range([0.0], [obs.lo], [obs.hi], [config.act_bits])
+            result[name] = make_act_layer(module, config.weight_bits, False, act_in)
+            if progress:
+                progress(i + 1, len(layers), name)
+        return result

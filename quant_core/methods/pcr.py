@@ -1,0 +1,272 @@
+"""PCR — Progressive Calibration and activation Relaxing (after tsa18/PCR).
+
+Quantizers: every selected Linear/Conv2d, weights per output channel asymmetric min-max (AdaRound/BRECQ
+block reconstruction is not done), inputs per tensor asymmetric with one range per sampling step from
+moving-average min/max observers. Attention matmuls stay in full precision.
+
+Calibration needs to sample: `calibration.settings["sampler"]` must be a callable `sampler(unet)` that runs
+the calibration sampling (fixed prompts, seeds, schedule; deterministic) through `unet`'s forward. It lives in
+memory only (a record holding it cannot be saved). Steps are the distinct timesteps in the order the sampler
+first uses them.
+1. Full-precision pass: per-step observers of every layer input, then weights quantized and every step's
+   range set (with `progressive=False` this is the result: "one-shot").
+2. Progressive: for t = 1 … S, reset step t−1's observers, run the quantized model from noise for t steps
+   (steps < t−1 use their recalibrated ranges, step t−1 its current ones while observed) and refit step t−1
+   from what it saw, so each step is fit to the latents the quantized trajectory produces. Cost: S(S+1)/2
+   UNet steps, about (S+1)/2 sampling passes; printed before it starts. methods.md's loop stops at t = S−1,
+   leaving the last step at its full-precision range; here every step is refit.
+   With `checkpoint` set, the observer state is written to that file (atomically) after the full-precision
+   pass and after every step; a run with the same configuration, model and calibration settings resumes
+   from it and produces an identical result. Delete the file to recalibrate from scratch.
+3. Activation relaxing: `relax_bits` (10) activations on `relax_fraction` (20%) of the steps, the first ones
+   by default (SDXL: near x_T, text alignment) or the last (SD: near x_0); weights unchanged. 10-bit
+   activations are fake-quantized in fp (the integer GEMM takes at most 8-bit codes), also in "real" mode.
+At inference every step's range is selected by the nearest calibrated timestep
+(lowbit.quant_core.actquant.params).
+"""
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..actquant.context import bind
+from ..actquant.layers import check_bits, make_act_layer
+from ..actquant.observers import TensorMinMax, observing
+from ..actquant.params import single_range
+from ..actquant.quantizers import uniform_params
+from ..errors import LowBitError
+from ..qlayers import matrix_view
+from . import Method, register_method
+
+SAMPLER_KEY = "sampler"
+RELAX_CHOICES = ("none", "first", "last")
+CHECKPOINT_KEY = "lowbit_pcr_checkpoint"
+
+
+@dataclass(frozen=True)
+class PCRConfig:
+    weight_bits: int = 8
+    act_bits: int = 8
+    progressive: bool = True
+    relax: str = "first"          # which steps get relax_bits activations: "none", "first", "last"
+    relax_fraction: float = 0.2
+    relax_bits: int = 10
+    averaging_constant: float = 0.01
+    checkpoint: str = ""          # progressive-calibration checkpoint file ('' = none); not part of the result
+
+    def __post_init__(self):
+        check_bits("PCR", self.weight_bits, self.act_bits)
+        if self.relax not in RELAX_CHOICES or not 0 <= self.relax_fraction <= 1 or not 2 <= self.relax_bits <= 16:
+            raise LowBitError(f"PCR: relax must be one of {RELAX_CHOICES}, relax_fraction 0..1 and relax_bits "
+                              f"2..16 (got {self.relax}, {self.relax_fraction}, {self.relax_bits})")
+        if not 0 < self.averaging_constant <= 1:
+            raise LowBitError(f"PCR: averaging_constant {self.averaging_constant} must be in (0, 1]")
+
+
+def step_bits(n_steps: int, config: PCRConfig) -> list:
+    """Activation bits of each sampling step (in sampling order)."""
+    relaxed = 0 if config.relax == "none" else round(config.relax_fraction * n_steps)
+    bits = [config.act_bits] * n_steps
+    span = range(relaxed) if config.relax == "first" else range(n_steps - relaxed, n_steps)
+    for i in span:
+        bits[i] = config.relax_bits
+    return bits
+
+
+class _StopSampling(Exception):
+    """Raised inside the UNet to end a calibration run after its last wanted step."""
+
+
+class _StepTracker:
+    """Forward pre-hook state: the sampling step of the current UNet call (steps are learned in the first,
+    full-precision pass), optionally stopping the sampler at the first call of step `stop_at`."""
+
+    def __init__(self):
+        self.timesteps, self.step, self.stop_at = [], None, None
+
+    def __call__(self, module, args, kwargs):
+        t = float(torch.as_tensor(kwargs.get("timesteps", args[1] if len(args) > 1 else None)).reshape(-1)[0])
+        if t not in self.timesteps:
+            if self.stop_at is not None:
+                raise LowBitError(f"PCR: the sampler used timestep {t:g}, unseen in its first pass; the sampler "
+                                  "must be deterministic")
+            self.timesteps.append(t)
+        self.step = self.timesteps.index(t)
+        if self.stop_at is not None and self.step >= self.stop_at:
+            raise _StopSampling
+
+
+def _run(unet, sampler, tracker: _StepTracker, stop_at=None):
+    handle = unet.register_forward_pre_hook(tracker, with_kwargs=True, prepend=True)
+    tracker.stop_at = stop_at
+    try:
+        with torch.no_grad():
+            sampler(unet)
+    except _StopSampling:
+        pass
+    finally:
+        handle.remove()
+        tracker.step = None
+
+
+def _fingerprint(layers: dict, config: PCRConfig, settings: dict) -> str:
+    h = hashlib.sha256()
+    described = {k: v for k, v in asdict(config).items() if k != "checkpoint"}
+    plain = {k: v for k, v in settings.items() if k != SAMPLER_KEY}
+    h.update(json.dumps([described, plain, list(layers)], sort_keys=True, default=str).encode())
+    for module in layers.values():
+        h.update(matrix_view(module.weight.detach()).float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path, fingerprint, done, timesteps, observers):
+    names = list(observers)
+    table = {"lo": torch.tensor([[float("nan") if o.lo is None else o.lo for o in observers[n]] for n in names],
+                                dtype=torch.float64),
+             "hi": torch.tensor([[float("nan") if o.hi is None else o.hi for o in observers[n]] for n in names],
+                                dtype=torch.float64),
+             "timesteps": torch.tensor(timesteps, dtype=torch.float64)}
+    meta = json.dumps({"fingerprint": fingerprint, "done": done, "layers": names})
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(table, tmp, metadata={CHECKPOINT_KEY: meta})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_checkpoint(path, fingerprint, averaging_constant):
+    """(done, timesteps, observers) from a checkpoint of the same calibration, else None."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[CHECKPOINT_KEY])
+        table = load_file(path)
+    except Exception as e:  # safetensors raises its own error types
+        raise LowBitError(f"PCR checkpoint {path} is unreadable ({e}); delete it to start over") from None
+    if meta["fingerprint"] != fingerprint:
+        return None
+    observers = {}
+    for row, name in enumerate(meta["layers"]):
+        observers[name] = []
+        for lo, hi in zip(table["lo"][row].tolist(), table["hi"][row].tolist()):
+            obs = TensorMinMax(averaging_constant)
+            if lo == lo:  # not NaN
+                obs.lo, obs.hi = lo, hi
+            observers[name].append(obs)
+    return meta["done"], table["timesteps"].tolist(), observers
+
+
+def _full_precision_pass(unet, layers, sampler, tracker: _StepTracker, averaging_constant) -> dict:
+    """{layer: [observer per step]} of the inputs the full-precision model's layers see while sampling."""
+    observers = {name: [] for name in layers}
+
+    def observe(name, module, x):
+        steps = observers[name]
+        while len(steps) <= tracker.step:
+            steps.append(TensorMinMax(averaging_constant))
+        steps[tracker.step].update(x)
+
+    with observing(layers, observe):
+        _run(unet, sampler, tracker)
+    for steps in observers.values():
+        steps.extend(TensorMinMax(averaging_constant) for _ in range(len(tracker.timesteps) - len(steps)))
+    return observers
+
+
+def _refit_step(unet, quantized, observers, sampler, tracker: _StepTracker, step: int, bits: int, index: int):
+    """Progressive calibration of one step: observe its layer inputs with the quantized model run from noise up
+    to that step, then set its range (parameter index `index`) from what was seen."""
+    before = {name: (steps[step].lo, steps[step].hi) for name, steps in observers.items()}
+    for steps in observers.values():
+        steps[step].reset()
+
+    def observe(name, module, x):
+        if tracker.step == step:
+            observers[name][step].update(x)
+
+    with observing(quantized, observe):
+        _run(unet, sampler, tracker, stop_at=step + 1)
+    for name, layer in quantized.items():
+        obs = observers[name][step]
+        if obs.lo is None:  # not called at this step: keeps what it had
+            obs.lo, obs.hi = before[name]
+            continue
+        scale, zero = uniform_params(torch.tensor(obs.lo), torch.tensor(obs.hi), bits)
+        layer.act_in_scale.data[index, 0] = scale
+        layer.act_in_zero.data[index, 0] = zero
+
+
+@register_method
+class PCR(Method):
+    name = "pcr"
+    config_type = PCRConfig
+    needs_calibration = True
+
+    def describe(self, config):
+        return {k: v for k, v in asdict(config).items() if k != "checkpoint"}
+
+    def quantize_model(self, unet, layers, config, calibration=None, progress=None):
+        from ..api import set_submodule  # the api imports the methods
+        settings = getattr(calibration, "settings", None) or {}
+        sampler = settings.get(SAMPLER_KEY)
+        if not callable(sampler):
+            raise LowBitError("PCR samples during calibration: pass a calibration record whose "
+                              f"settings['{SAMPLER_KEY}'] is a callable sampler(unet) running the calibration "
+                              "prompts (deterministic)")
+        fingerprint = _fingerprint(layers, config, settings)
+        resumed = _load_checkpoint(config.checkpoint, fingerprint, config.averaging_constant)
+        tracker = _StepTracker()
+        if resumed is None:
+            done = 0
+            observers = _full_precision_pass(unet, layers, sampler, tracker, config.averaging_constant)
+            if config.checkpoint:
+                _save_checkpoint(config.checkpoint, fingerprint, 0, tracker.timesteps, observers)
+        else:
+            done, tracker.timesteps, observers = resumed
+        n_steps = len(tracker.timesteps)
+        bits = step_bits(n_steps, config)
+        order = sorted(range(n_steps), key=lambda s: tracker.timesteps[s])  # parameter index -> step
+        result = {}
+        for name, module in layers.items():
+            steps = observers[name]
+            if all(o.lo is None for o in steps):
+                continue  # never called while sampling: stays in full precision
+            act_in = single_range([tracker.timesteps[s] for s in order],
+                                  [0.0 if steps[s].lo is None else steps[s].lo for s in order],
+                                  [0.0 if steps[s].hi is None else steps[s].hi for s in order],
+                                  [bits[s] for s in order])
+            result[name] = make_act_layer(module, config.weight_bits, False, act_in)
+        total = 1 + (n_steps if config.progressive else 0)
+        if progress:
+            progress(1 + done, total, "full-precision pass")
+        if config.progressive and done < n_steps:
+            cost = sum(range(done + 1, n_steps + 1))
+            prompts = settings.get("prompts")
+            print(f"PCR progressive calibration: steps {done + 1}..{n_steps} of {n_steps} need {cost} quantized "
+                  f"UNet steps (~{cost / n_steps:.1f} sampling passes)"
+                  + (f" over {len(prompts)} prompts" if isinstance(prompts, list) else ""), file=sys.stderr,
+                  flush=True)
+            originals = {name: unet.get_submodule(name) for name in result}
+            bind(unet)
+            try:
+                for name, layer in result.items():
+                    set_submodule(unet, name, layer)
+                for t in range(done + 1, n_steps + 1):
+                    _refit_step(unet, result, observers, sampler, tracker, t - 1, bits[t - 1], order.index(t - 1))
+                    if config.checkpoint:
+                        _save_checkpoint(config.checkpoint, fingerprint, t, tracker.timesteps, observers)
+                    if progress:
+                        progress(1 + t, total, f"progressive step {t}/{n_steps}")
+            finally:
+                for name, module in originals.items():
+                    set_submodule(unet, name, module)
+        bind(unet)
+        return result

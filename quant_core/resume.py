@@ -1,0 +1,80 @@
+"""Resumable quantization: finished layers are kept in a checkpoint folder so an interrupted run goes on.
+
+A `LayerCheckpoint` is a folder of part files, each a LowBit file (lowbit.quant_core.fileformat) holding only
+quantized layers; parts are written atomically, so an interrupt loses at most the part being worked on. The
+folder is named by `run_key` (method + its config + layer names, shapes and a sample of their weights, + the
+calibration record), so a different model, config or record never resumes from it. `clear()` removes it
+once the whole result is safely written elsewhere.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from . import fileformat
+from .qlayers import matrix_view
+
+PART = re.compile(r"part_(\d{5})\.safetensors")
+PART_LAYERS = 64      # layers per part: an interrupt loses at most this many
+WEIGHT_SAMPLE = 4096  # values per weight that enter the key: cheap on 2.5 B parameters, still model-specific
+
+
+def run_key(method: str, method_config: dict, layers: dict, calibration_id: str = "") -> str:
+    h = hashlib.sha256(json.dumps([method, method_config, calibration_id], sort_keys=True, default=str).encode())
+    for name, module in layers.items():
+        flat = matrix_view(module.weight.detach()).reshape(-1)
+        step = max(1, flat.numel() // WEIGHT_SAMPLE)
+        h.update(f"{name}:{tuple(module.weight.shape)}".encode())
+        h.update(flat[::step][:WEIGHT_SAMPLE].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class LayerCheckpoint:
+    def __init__(self, folder: str, method: str, method_config: dict):
+        self.folder, self.method, self.method_config = folder, method, method_config
+
+    def parts(self) -> list:
+        if not os.path.isdir(self.folder):
+            return []
+        return sorted(os.path.join(self.folder, n) for n in os.listdir(self.folder) if PART.fullmatch(n))
+
+    def load(self) -> dict:
+        """name -> quantized layer of every finished part."""
+        layers = {}
+        for path in self.parts():
+            layers.update(fileformat.load(path).layers)
+        return layers
+
+    def save_part(self, layers: dict) -> None:
+        tensors, table = fileformat.file_tensors(layers, {})
+        header = fileformat.make_header("sdxl", self.method, self.method_config, {}, table)
+        index = len(self.parts())
+        fileformat.save(os.path.join(self.folder, f"part_{index:05d}.safetensors"), tensors, header)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def quantize_in_parts(quantize_chunk, layers: dict, checkpoint: LayerCheckpoint, progress=None) -> dict:
+    """Quantize independent layers chunk by chunk (`quantize_chunk(chunk, progress)`), saving each chunk as a
+    part and skipping layers a previous run finished. Same result as one uninterrupted call."""
+    done = {name: layer for name, layer in checkpoint.load().items() if name in layers}
+    todo = [name for name in layers if name not in done]
+    total, part_layers = len(layers), PART_LAYERS
+    for start in range(0, len(todo), part_layers):
+        chunk = {name: layers[name] for name in todo[start:start + part_layers]}
+        offset = len(done)
+
+        def chunk_progress(i, n, what):
+            if progress:
+                progress(offset + i, total, what)
+        with torch.no_grad():
+            result = quantize_chunk(chunk, chunk_progress)
+        checkpoint.save_part(result)
+        done.update(result)
+    if progress and not todo:
+        progress(total, total, "resumed from checkpoint")
+    return {name: done[name] for name in layers}

@@ -1,0 +1,140 @@
+"""Calibrate -> quantize (every method, through LowBitQuantizeUNet and its options nodes) in-process on the trained
+testbed's ComfyUI MODEL/CLIP (real ComfyUI sampling code), the record's trajectory re-run, and resuming an
+interrupted quantization."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy_inprocess
+
+PROMPTS = "a red circle top left on blue\na small green square bottom right on white"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def testbed(comfy_env_module, tmp_path_factory):
+    import folder_paths
+    from lowbit.bench.testbed.model import comfy_testbed_objects
+    from lowbit.nodes.calibrate import LowBitCalibrate
+    torch.manual_seed(0)
+    folder_paths.set_output_directory(str(tmp_path_factory.mktemp("output")))
+    model, clip, _ = comfy_testbed_objects()
+    calib = LowBitCalibrate.execute(model, clip, PROMPTS, "", 32, 32, STEPS, 5.0, "euler", "normal", 3, 8).result[0]
+    return model, calib
+
+
+@pytest.fixture(scope="module")
+def probe(testbed):
+    """A held-out UNet input: a recorded call with other noise."""
+    from lowbit.quant_core.calibration import CalibrationRecord
+    call = dict(CalibrationRecord.load(testbed[1].path).inputs[1])
+    call["x"] = torch.randn(call["x"].shape, generator=torch.Generator().manual_seed(5))
+    return call
+
+
+def _out(model, call):
+    with torch.no_grad():
+        return model.model.diffusion_model(**call)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_record_knows_cond_and_uncond_and_the_trajectory_reruns_exactly(testbed):
+    """Re-running the record's trajectories (Euler, recorded CFG) through the same fp UNet reproduces every
+    recorded UNet input: the sampler PCR calibrates with follows ComfyUI's own euler sampling."""
+    from lowbit.quant_core.calibration import CalibrationRecord, record_unet_calls
+    from lowbit.quant_core.trajectory import trajectories, trajectory_sampler
+    model, calib = testbed
+    record = CalibrationRecord.load(calib.path)
+    assert len(record) == 2 * STEPS and record.cond_or_uncond == [[1, 0]] * (2 * STEPS)  # ComfyUI batches uncond first
+    assert [len(p) for p in trajectories(record)] == [STEPS, STEPS]
+    unet = model.model.diffusion_model
+    rerun = record_unet_calls(unet, lambda: trajectory_sampler(record)(unet))
+    assert len(rerun) == len(record)
+    for a, b in zip(rerun.inputs, record.inputs):
+        assert torch.equal(a["timesteps"], b["timesteps"]) and torch.equal(a["context"], b["context"])
+        assert torch.allclose(a["x"], b["x"], atol=1e-4, rtol=1e-4)  # fp32 rounding of |x| ~ 5
+
+
+@pytest.mark.parametrize("method,options", [
+    ("dgq", ("LowBitDGQOptions", ("W8A8", "8", False, True, ""))),
+    ("pcr", ("LowBitPCROptions", ("W8A8", True, "first", 0.25, ""))),
+    ("minmax", None),
+    ("vq", ("LowBitVQOptions", ("4x8g8", 4, 2, 0, 0, r"output_blocks\.[3-5]\.1\."))),
+])
+def test_quantize_node_with_calibration(testbed, probe, method, options):
+    from lowbit.nodes import options as option_nodes
+    from lowbit.nodes.quantize import LowBitQuantizeUNet
+    from lowbit.quant_core.qlayers import QuantizedLayer
+    model, calib = testbed
+    ref = _out(model, probe)
+    opts = None if options is None else getattr(option_nodes, options[0]).execute(*options[1]).result[0]
+    quantized = LowBitQuantizeUNet.execute(model, method, 8, 0, calib, opts).result[0]
+    err = _rel(_out(quantized, probe), ref)
+    layers = [n for n, m in quantized.model.diffusion_model.named_modules() if isinstance(m, QuantizedLayer)]
+    print(f"{method}: {len(layers)} quantized layers, relative UNet output error {err:.4f}")
+    assert torch.equal(_out(model, probe), ref)  # the user's MODEL is unchanged
+    assert 0 < err < (0.05 if method != "vq" else 0.02)
+    if method == "vq":
+        assert len(layers) == sum(".1." in n and n.startswith(("output_blocks.3", "output_blocks.4",
+                                                                 "output_blocks.5")) for n in layers) > 0
+
+
+def test_method_needs_calibration_and_matching_options(testbed):
+    from lowbit.nodes.options import LowBitDGQOptions
+    from lowbit.nodes.quantize import LowBitQuantizeUNet
+    from lowbit.quant_core.errors import LowBitError
+    model, calib = testbed
+    with pytest.raises(LowBitError, match="needs calibration data"):
+        LowBitQuantizeUNet.execute(model, "dgq", 8, 0)
+    dgq = LowBitDGQOptions.execute("W8A8", "8", False, True, "").result[0]
+    with pytest.raises(LowBitError, match="options are for dgq but method is pcr"):
+        LowBitQuantizeUNet.execute(model, "pcr", 8, 0, calib, dgq)
+    bad = LowBitDGQOptions.execute("W8A8", "8", False, True, "no_such_layer").result[0]
+    with pytest.raises(LowBitError, match="matches none"):
+        LowBitQuantizeUNet.execute(model, "dgq", 8, 0, calib, bad)
+
+
+def test_interrupted_quantization_resumes_to_the_same_result(testbed, monkeypatch):
+    """An interrupt mid-run keeps the finished parts under output/lowbit_checkpoints; the next run skips them
+    and ends with exactly the tensors of an uninterrupted run, then removes the checkpoint."""
+    import os
+
+    import folder_paths
+    from lowbit.nodes import quantize as quantize_node
+    from lowbit.nodes.options import LowBitVQOptions
+    from lowbit.quant_core import resume
+    model, _ = testbed
+    options = LowBitVQOptions.execute("2x8g8", 2, 1, 0, 0, r"transformer_blocks\.0\.(attn1|ff)").result[0]
+
+    def run():
+        out = quantize_node.LowBitQuantizeUNet.execute(model, "vq", 4, 0, None, options).result[0]
+        return {k: v.clone() for k, v in out.model.diffusion_model.state_dict().items()}
+
+    full = run()
+    folder = os.path.join(folder_paths.get_output_directory(), quantize_node.CHECKPOINT_FOLDER)
+    assert not os.listdir(folder)  # cleared after a finished run
+    monkeypatch.setattr(resume, "PART_LAYERS", 4)
+    calls = {"n": 0}
+    original = quantize_node.comfy_progress
+
+    def interrupting(task="work"):
+        update = original(task)
+
+        def progress(done, total, what):
+            calls["n"] += 1
+            if calls["n"] == 10:
+                raise InterruptedError("interrupted by the test")
+            update(done, total, what)
+        return progress
+    monkeypatch.setattr(quantize_node, "comfy_progress", interrupting)
+    with pytest.raises(InterruptedError):
+        run()
+    (run_folder,) = os.listdir(folder)
+    parts = os.listdir(os.path.join(folder, run_folder))
+    assert len(parts) == 2  # 8 of the layers were finished and kept
+    monkeypatch.setattr(quantize_node, "comfy_progress", original)
+    resumed = run()
+    assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
+    assert not os.listdir(folder)
