@@ -3,7 +3,9 @@
 Entries, all PCR at one W·A· setting with the same calibration record and sampler:
 - `oneshot`: every step's activation range from the full-precision pass only (progressive=False, no relaxing);
 - `progressive`: progressive calibration, no relaxing;
-- `progressive_relaxed`: progressive calibration with 10-bit activations on the first 20% of the steps.
+- `progressive_relaxed`: progressive calibration with 10-bit activations on the first 20% of the steps;
+- `activations_16bit`: the same weights with 16-bit activations on every step: what is left of the distance
+  to fp with activation quantization out of the picture, the bound no activation calibration can beat.
 Each is sampled on the same in-domain and held-out prompts and seeds as the full-precision model and
 scored by PSNR and Fréchet distance to the fp samples ("FID to FP") and by alignment. `ratios` gives each
 entry's Fréchet distance and MSE to fp (10^(−PSNR/10)) relative to `oneshot`. Same testbed, prompts,
@@ -15,11 +17,12 @@ import sys
 import time
 
 from .quality import SPLITS, add_common_arguments, load_testbed_run, output_paths, parse_bits, quantized_copy, \
-    save_rows_grid
+    run_facts, save_rows_grid
 
 VARIANTS = {"oneshot": {"progressive": False, "relax": "none"},
             "progressive": {"progressive": True, "relax": "none"},
-            "progressive_relaxed": {"progressive": True, "relax": "first", "relax_fraction": 0.2}}
+            "progressive_relaxed": {"progressive": True, "relax": "first", "relax_fraction": 0.2},
+            "activations_16bit": {"progressive": False, "relax": "first", "relax_fraction": 1.0, "relax_bits": 16}}
 
 
 def add_arguments(p):
@@ -27,7 +30,6 @@ def add_arguments(p):
 
 
 def run(args):
-    import torch
     from ..quant_core.methods.pcr import PCR, PCRConfig
     weight_bits, act_bits = parse_bits(args.bits)
     if act_bits is None:
@@ -54,8 +56,8 @@ def run(args):
                 "frechet": round(entry[split]["frechet"] / base["frechet"], 4) if base["frechet"] else None,
                 "mse": round(10 ** ((base["psnr"] - entry[split]["psnr"]) / 10), 4)}
     report = {"benchmark": "qdiff", "bits": args.bits.upper(), "seed": args.seed, "prompts_per_split": args.n,
-              "steps": args.steps, "cfg": args.cfg, "calibration_prompts": args.calib_prompts, "device": "cpu",
-              "torch_threads": torch.get_num_threads(), **entries, "ratios_to_oneshot": ratios,
+              "steps": args.steps, "cfg": args.cfg, "calibration_prompts": args.calib_prompts,
+              **run_facts(), **entries, "ratios_to_oneshot": ratios,
               "seconds": round(time.perf_counter() - start, 1), "grid": str(grid)}
     save_rows_grid(rows, testbed, grid)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -7,13 +7,15 @@ classifier features of its samples and of the fp samples ("FID to FP"), and the 
 method the weight bits (stored weight tensors only, over the quantized layers' weights), the bytes of the
 LowBit file it makes (16-bit rest of the UNet and calibrated activation tables included) and its wall time.
 Weight-only methods (rtn, vq) run at the weight width (rtn: its default groups of 128; vq: the format with
-the nearest bits, with a shortened codebook search to fit the CPU budget); activation methods (minmax, dgq,
+the nearest bits, with a shortened codebook search and XᵀX from every 4th sample of the calibration calls, to
+fit the CPU budget of 5 minutes for all five methods); activation methods (minmax, dgq,
 pcr, and `dgq_fp_attention`: DGQ with the attention matmuls in full precision, like minmax and pcr) need an
 A·; a method that does not apply is skipped with the reason.
 Calibration: the fp model samples `--calib-prompts` in-domain prompts (another seed than the test prompts);
 that record (and, for PCR, its sampler) is every method's calibration. Deterministic: same arguments, same
-numbers. Writes JSON (default bench/results/quality_<bits>_seed<S>.json) and a PNG grid next to it
-(rows: fp then each method; columns: 4 in-domain then 4 held-out prompts).
+numbers on the same machine and thread count (timings aside). Writes JSON (default
+bench/results/quality_<bits>_seed<S>.json; with date, torch version, machine and threads) and a PNG grid next
+to it (rows: fp then each method; columns: 4 in-domain then 4 held-out prompts).
 """
 import copy
 import json
@@ -30,6 +32,7 @@ METHOD_NAMES = ("rtn", "minmax", "vq", "dgq", "pcr")
 # like-for-like comparison with minmax and pcr, which quantize Linear/Conv2d inputs only
 EXTRA_METHODS = ("dgq_fp_attention",)
 VQ_BENCH_EFFORT = {"max_rounds": 1, "beam_size": 4, "kmeans_iters": 10, "refit_iters": 10}
+VQ_SAMPLE_STRIDE = 4  # VQ's XᵀX from every 4th batch item of each calibration call (cond and uncond alike)
 SPLITS = ("in_domain", "held_out")
 GRID_PER_SPLIT = 4
 
@@ -55,7 +58,8 @@ def method_config(method: str, weight_bits: int, act_bits):
         codebooks = min((2, 3, 4), key=lambda m: abs(m - weight_bits))  # m codebooks: m code bits per weight
         # shortened search (one beam round) to fit the bench's CPU budget; the format is the full one
         return VQConfig(num_codebooks=codebooks, **VQ_BENCH_EFFORT), \
-            f"weight-only, nearest format {codebooks}x8g8, shortened search {VQ_BENCH_EFFORT}"
+            f"weight-only, nearest format {codebooks}x8g8, shortened search {VQ_BENCH_EFFORT}, XᵀX from every " \
+            f"{VQ_SAMPLE_STRIDE}th calibration sample"
     if act_bits is None:
         return None, f"{method} quantizes activations: give W{weight_bits}A<bits>"
     if method == "dgq_fp_attention":
@@ -107,6 +111,22 @@ class Testbed:
         return record_unet_calls(self.unet, lambda: sampler(self.unet),
                                  {SAMPLER_KEY: sampler, "prompts": prompts, "steps": self.steps, "cfg": self.cfg,
                                   "seed": self.seed + 1000})
+
+
+def every_nth_sample(calibration, stride: int):
+    """The calibration record with every `stride`-th batch item of each call (settings kept)."""
+    from ..quant_core.calibration import CalibrationRecord
+    return CalibrationRecord([{k: t[::stride] for k, t in call.items()} for call in calibration.inputs],
+                             settings=calibration.settings)
+
+
+def run_facts() -> dict:
+    """Where and when a benchmark ran (its JSON's provenance)."""
+    import datetime
+    import os
+    import torch
+    return {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "machine": f"CPU {os.cpu_count()} cores", "device": "cpu", "torch_threads": torch.get_num_threads()}
 
 
 def load_testbed_run(n: int, seed: int, steps: int, cfg: float) -> Testbed:
@@ -168,7 +188,6 @@ def add_arguments(p):
 
 
 def run(args):
-    import torch
     weight_bits, act_bits = parse_bits(args.bits)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHOD_NAMES + EXTRA_METHODS))
@@ -193,7 +212,8 @@ def run(args):
         t0 = time.perf_counter()
         if calibration is None:
             calibration = testbed.calibration(args.calib_prompts)
-        unet = quantized_copy(testbed, config, calibration)
+        unet = quantized_copy(testbed, config,
+                              every_nth_sample(calibration, VQ_SAMPLE_STRIDE) if method == "vq" else calibration)
         rows[method] = testbed.samples(unet)
         from ..quant_core.methods import method_for_config
         results[method] = {"config": method_for_config(config).describe(config), **size_stats(unet),
@@ -203,7 +223,7 @@ def run(args):
         print(f"{method}: {json.dumps({s: results[method][s] for s in SPLITS})}", file=sys.stderr, flush=True)
     report = {"benchmark": "quality", "bits": args.bits.upper(), "seed": args.seed, "prompts_per_split": args.n,
               "steps": args.steps, "cfg": args.cfg, "calibration_prompts": args.calib_prompts,
-              "device": "cpu", "torch_threads": torch.get_num_threads(), "results": results, "skipped": skipped,
+              **run_facts(), "results": results, "skipped": skipped,
               "seconds": round(time.perf_counter() - start, 1), "grid": str(grid)}
     save_rows_grid(rows, testbed, grid)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -190,7 +190,8 @@ def save(path, tensors: dict, header: dict, overwrite: bool = False) -> str:
 
 
 def summarize(path) -> dict:
-    """What `python -m lowbit info` prints: sizes and bits/weight counted from the stored tensors."""
+    """What `python -m lowbit info` prints: sizes and bits/weight counted from the stored tensors, and for
+    activation-quantized files the per-timestep activation parameters (lowbit.quant_core.actquant.summary)."""
     st = read_safetensors_header(path)
     header = read_header(path)
     sizes = tensor_bytes(st)
@@ -204,9 +205,15 @@ def summarize(path) -> dict:
         q_bytes += sum(b for k, b in sizes.items() if k.startswith(name + ".") and k != f"{name}.bias")
     logical_params += sum(math.prod(s) for k, s in shapes.items()
                           if k.rsplit(".", 1)[0] not in header["layers"] or k.endswith(".bias"))
-    return {"format_version": header["format_version"], "arch": header["arch"], "method": header.get("method"),
-            "method_config": header.get("method_config"), "layouts": sorted({e["layout"] for e in header["layers"].values()}),
-            **size_summary(q_weights, q_bytes, logical_params, sum(sizes.values()), len(header["layers"]))}
+    summary = {"format_version": header["format_version"], "arch": header["arch"], "method": header.get("method"),
+               "method_config": header.get("method_config"),
+               "layouts": sorted({e["layout"] for e in header["layers"].values()}),
+               **size_summary(q_weights, q_bytes, logical_params, sum(sizes.values()), len(header["layers"]))}
+    from .actquant.summary import activation_summary  # the activation layers build on this module
+    activation = activation_summary(path, header["layers"])
+    if activation is not None:
+        summary["activation"] = activation
+    return summary
 
 
 def size_summary(quantized_params: int, quantized_bytes: int, total_params: int, total_bytes: int,
