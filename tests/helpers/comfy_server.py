@@ -309,7 +309,13 @@ class ComfyServer:
         """Poll /history until the prompt finished; return its history entry or raise."""
         deadline = time.monotonic() + timeout
         while True:
-            entry = self.history(prompt_id)
+            try:
+                entry = self.history(prompt_id)
+            except ComfyServerError:
+                if not self.alive():
+                    raise
+                # alive but not answering: a node holds the GIL (e.g. reading a multi-GB file); poll again
+                entry = None
             if entry is not None:
                 status = entry.get("status") or {}
                 if status.get("completed") or status.get("status_str") in ("success", "error"):
