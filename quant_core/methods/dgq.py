@@ -19,7 +19,7 @@ Deviations:
   has k codes per octave, the finest power of two whose 2^b codes still reach s·2^−24 (k = 8 at A8, 2 at A6;
   lowbit.quant_core.actquant.quantizers.log_levels_per_octave): the log2 grid rounds every probability by up
   to a factor √2 and leaves most of its codes unused. On the testbed (cross-attention over 20 text tokens,
-  self-attention over 4-16 pixels) that rounding alone costs 10 dB PSNR at W8A8 and sends single prompts to
+  self-attention over 4-16 pixels) that rounding alone costs 9 dB PSNR at W8A8 and sends single prompts to
   another image; SDXL's 1024-4096-token self-attentions average it out better.
 - For a real integer path: channel slices are blocks of `channel_block` consecutive channels in one
   per-layer order (channels sorted by their calibrated range over all timesteps), so each channel group is a
