@@ -9,6 +9,7 @@ full UNet (quantizing all 771 layers is exercised by the RTN end-to-end test and
 Sorted before test_rtn_e2e.py, which holds an in-process SDXL afterwards.
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -44,9 +45,12 @@ def test_calibrate_quantize_save_then_load_and_generate(comfy_server, method):
     generate = load_api_workflow("lowbit_load_and_generate", **{
         "1__ckpt_name": "sdxl_random.safetensors", "2__unet_name": name, "5__width": 64, "5__height": 64,
         "6__steps": 2, "8__filename_prefix": f"e2e/{method}_generated"})
-    (image,) = comfy_server.output_files(comfy_server.run(generate, timeout=1200))
-    with Image.open(image) as im:
-        assert im.size == (64, 64)
-        lo, hi = im.convert("L").getextrema()
-        assert hi > lo  # a real (non-constant) image came out of the quantized UNet
-    comfy_server.free()
+    try:
+        (image,) = comfy_server.output_files(comfy_server.run(generate, timeout=1200))
+        with Image.open(image) as im:
+            assert im.size == (64, 64)
+            lo, hi = im.convert("L").getextrema()
+            assert hi > lo  # a real (non-constant) image came out of the quantized UNet
+    finally:
+        comfy_server.free()
+        os.remove(saved)  # ~5 GB each (the unquantized rest is 16-bit): keep the test's disk use bounded
