@@ -81,13 +81,15 @@ def test_progressive_ranges_are_those_of_the_quantized_trajectory():
         for name, layer in layers(hybrid).items():
             for earlier in timesteps[:t]:
                 i = layer.act_params("input").step_index(earlier)
-                layer.act_in_scale.data[i], layer.act_in_zero.data[i] = refit[name].act_in_scale[i], refit[name].act_in_zero[i]
+                layer.act_in_scale.data[i] = refit[name].act_in_scale[i]
+                layer.act_in_zero.data[i] = refit[name].act_in_zero[i]
         seen = {}
 
         def observe(name):
             def hook(module, args):
                 if context.current_timestep() == timestep:
-                    seen[name] = uniform_params(torch.tensor(float(args[0].min())), torch.tensor(float(args[0].max())), 6)
+                    lo, hi = (torch.tensor(float(v)) for v in args[0].aminmax())
+                    seen[name] = uniform_params(lo, hi, 6)
             return hook
         for name, layer in layers(hybrid).items():
             layer.register_forward_pre_hook(observe(name))
@@ -119,7 +121,8 @@ def test_saved_file_reloads_bit_identically_and_info_shows_the_relaxed_steps(tmp
     activation = json.loads(proc.stdout)["activation"]
     # ascending timesteps: the relaxed first sampling step (t = 999, 20% of 5 steps) is the last entry
     assert activation["timesteps"] == [1.0, 250.0, 500.0, 750.0, 999.0]
-    assert activation["bits_per_step"] == [6, 6, 6, 6, 10] and activation["axes"] == {"tensor": 5 * len(load(path).layers)}
+    assert activation["bits_per_step"] == [6, 6, 6, 6, 10]
+    assert activation["axes"] == {"tensor": 5 * len(load(path).layers)}
 
 
 def test_pcr_needs_a_sampler():

@@ -70,9 +70,9 @@ class ActQuantMixin:
             if problem:
                 raise LowBitError(f"{type(self).__name__}: {where} activation parameters invalid: {problem}")
         softmax = self.act_meta["softmax"]
-        if softmax is not None and not (1 <= softmax["bits"] <= REAL_PATH_MAX_BITS and softmax["levels_per_octave"] >= 1):
-            raise LowBitError(f"{type(self).__name__}: softmax quantizer {softmax} invalid (bits 1..{REAL_PATH_MAX_BITS}, "
-                              "levels_per_octave >= 1)")
+        if softmax and not (1 <= softmax["bits"] <= REAL_PATH_MAX_BITS and softmax["levels_per_octave"] > 0):
+            raise LowBitError(f"{type(self).__name__}: softmax quantizer {softmax} invalid (bits 1.."
+                              f"{REAL_PATH_MAX_BITS}, levels_per_octave >= 1)")
         if act_in.perm is not None and act_in.perm.numel() != self.in_features:
             raise LowBitError(f"{type(self).__name__}: channel permutation of {act_in.perm.numel()} entries for "
                               f"K = {self.in_features}")
