@@ -74,7 +74,7 @@ class LowBitDGQOptions(io.ComfyNode):
             display_name="DGQ Options (LowBit)",
             category="LowBit/quantize",
             description="Weights and activations (W8A8/W4A8/A6): per-timestep activation groups found by k-means, "
-                        "log2-quantized attention probabilities. Needs a calibration input.",
+                        "log-grid quantized attention probabilities. Needs a calibration input.",
             inputs=[
                 io.Combo.Input("bits", options=DGQ_BITS, default="W8A8",
                                tooltip="Weight and activation bits, e.g. W4A8 = 4-bit weights, 8-bit activations."),
@@ -83,7 +83,7 @@ class LowBitDGQOptions(io.ComfyNode):
                 io.Boolean.Input("range_search", default=False,
                                  tooltip="MSE-searched weight ranges instead of min-max (slower to quantize)."),
                 io.Boolean.Input("quantize_attention", default=True,
-                                 tooltip="Also quantize Q/K/V and the softmax probabilities (log2)."),
+                                 tooltip="Also quantize Q/K/V and the softmax probabilities (log grid)."),
                 _layers_input(),
             ],
             outputs=_output(),
