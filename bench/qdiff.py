@@ -16,8 +16,8 @@ import json
 import sys
 import time
 
-from .quality import SPLITS, add_common_arguments, load_testbed_run, output_paths, parse_bits, quantized_copy, \
-    run_facts, save_rows_grid
+from ..quant_core.bitspec import parse_bits_spec
+from .quality import SPLITS, add_common_arguments, load_testbed_run, output_paths, quantized_copy, write_report
 
 VARIANTS = {"oneshot": {"progressive": False, "relax": "none"},
             "progressive": {"progressive": True, "relax": "none"},
@@ -31,7 +31,7 @@ def add_arguments(p):
 
 def run(args):
     from ..quant_core.methods.pcr import PCR, PCRConfig
-    weight_bits, act_bits = parse_bits(args.bits)
+    weight_bits, act_bits = parse_bits_spec(args.bits)
     if act_bits is None:
         raise SystemExit(f"qdiff compares activation calibrations: give W{weight_bits}A<bits>")
     path, grid = output_paths(args.out, f"qdiff_{args.bits.upper()}_seed{args.seed}")
@@ -55,10 +55,4 @@ def run(args):
             ratios[name][split] = {
                 "frechet": round(entry[split]["frechet"] / base["frechet"], 4) if base["frechet"] else None,
                 "mse": round(10 ** ((base["psnr"] - entry[split]["psnr"]) / 10), 4)}
-    report = {"benchmark": "qdiff", "bits": args.bits.upper(), "seed": args.seed, "prompts_per_split": args.n,
-              "steps": args.steps, "cfg": args.cfg, "calibration_prompts": args.calib_prompts,
-              **run_facts(), **entries, "ratios_to_oneshot": ratios,
-              "seconds": round(time.perf_counter() - start, 1), "grid": str(grid)}
-    save_rows_grid(rows, testbed, grid)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report("qdiff", args, {**entries, "ratios_to_oneshot": ratios}, start, rows, testbed, grid, path)

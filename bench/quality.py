@@ -20,11 +20,12 @@ to it (rows: fp then each method; columns: 4 in-domain then 4 held-out prompts).
 import copy
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..quant_core.bitspec import parse_bits_spec
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHOD_NAMES = ("rtn", "minmax", "vq", "dgq", "pcr")
@@ -35,14 +36,6 @@ VQ_BENCH_EFFORT = {"max_rounds": 1, "beam_size": 4, "kmeans_iters": 10, "refit_i
 VQ_SAMPLE_STRIDE = 4  # VQ's XᵀX from every 4th batch item of each calibration call (cond and uncond alike)
 SPLITS = ("in_domain", "held_out")
 GRID_PER_SPLIT = 4
-
-
-def parse_bits(spec: str) -> tuple[int, "int | None"]:
-    """'W4A8' -> (4, 8); 'W3' -> (3, None)."""
-    match = re.fullmatch(r"W(\d+)(?:A(\d+))?", spec.strip().upper())
-    if match is None:
-        raise ValueError(f"--bits {spec!r}: expected W<bits>[A<bits>], e.g. W4A8, W8A6 or W3")
-    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
 
 
 def method_config(method: str, weight_bits: int, act_bits):
@@ -129,6 +122,17 @@ def run_facts() -> dict:
             "machine": f"CPU {os.cpu_count()} cores", "device": "cpu", "torch_threads": torch.get_num_threads()}
 
 
+def write_report(benchmark: str, args, body: dict, start: float, rows: dict, testbed: Testbed, grid, path) -> None:
+    """The benchmark JSON (settings, provenance, `body`, wall time) to `path` and stdout, the sample grid to
+    `grid`."""
+    report = {"benchmark": benchmark, "bits": args.bits.upper(), "seed": args.seed, "prompts_per_split": args.n,
+              "steps": args.steps, "cfg": args.cfg, "calibration_prompts": args.calib_prompts,
+              **run_facts(), **body, "seconds": round(time.perf_counter() - start, 1), "grid": str(grid)}
+    save_rows_grid(rows, testbed, grid)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
 def load_testbed_run(n: int, seed: int, steps: int, cfg: float) -> Testbed:
     from ..quant_core.testbed.data import held_out_prompts, in_domain_prompts
     from .testbed.model import load_classifier, load_testbed
@@ -188,7 +192,7 @@ def add_arguments(p):
 
 
 def run(args):
-    weight_bits, act_bits = parse_bits(args.bits)
+    weight_bits, act_bits = parse_bits_spec(args.bits)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHOD_NAMES + EXTRA_METHODS))
     if unknown:
@@ -221,10 +225,4 @@ def run(args):
         if note:
             results[method]["note"] = note
         print(f"{method}: {json.dumps({s: results[method][s] for s in SPLITS})}", file=sys.stderr, flush=True)
-    report = {"benchmark": "quality", "bits": args.bits.upper(), "seed": args.seed, "prompts_per_split": args.n,
-              "steps": args.steps, "cfg": args.cfg, "calibration_prompts": args.calib_prompts,
-              **run_facts(), "results": results, "skipped": skipped,
-              "seconds": round(time.perf_counter() - start, 1), "grid": str(grid)}
-    save_rows_grid(rows, testbed, grid)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report("quality", args, {"results": results, "skipped": skipped}, start, rows, testbed, grid, path)

@@ -80,9 +80,9 @@ def trajectory_sampler(record, cfg=None, sigmas=None) -> Callable[[nn.Module], N
     cfg = float(record.settings.get("cfg", 1.0) if cfg is None else cfg)
     sigmas = discrete_sigmas() if sigmas is None else sigmas
     paths = trajectories(record)
+    guided = cfg != 1.0 and record.cond_or_uncond is not None
 
-    def run_step(unet, x, calls, sigma, guided):
-        device = next(unet.parameters()).device
+    def run_step(unet, device, x, calls, sigma):
         eps_cond, eps_uncond = [], []
         for i in calls:
             call = record.inputs[i]
@@ -101,17 +101,16 @@ def trajectory_sampler(record, cfg=None, sigmas=None) -> Callable[[nn.Module], N
         return uncond + cfg * (cond - uncond)
 
     def sampler(unet: nn.Module) -> None:
+        device = next(unet.parameters()).device
         with torch.no_grad():
             for path in paths:
                 steps = [(calls, sigma_of(_timestep(record.inputs[calls[0]]), sigmas)) for calls in path]
                 first = record.inputs[path[0][0]]
                 rows = [r for r, role in enumerate(_roles(record, path[0][0], first["x"].shape[0]))
                         if role == COND] or list(range(first["x"].shape[0]))
-                device = next(unet.parameters()).device
                 x = first["x"][rows].to(device).float() * (steps[0][1] ** 2 + 1) ** 0.5
-                guided = cfg != 1.0 and record.cond_or_uncond is not None
                 for n, (calls, sigma) in enumerate(steps):
-                    eps = run_step(unet, x, calls, sigma, guided)
+                    eps = run_step(unet, device, x, calls, sigma)
                     if eps.shape[0] != x.shape[0]:  # no cond/uncond labels: each row follows itself
                         x = x.repeat(eps.shape[0] // x.shape[0], 1, 1, 1)
                     next_sigma = steps[n + 1][1] if n + 1 < len(steps) else 0.0

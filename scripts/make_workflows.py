@@ -96,10 +96,25 @@ def api_workflow(nodes):
 POSITIVE, NEGATIVE = "a photo of a red fox in the snow, detailed", "blurry, low quality"
 
 
-def prompts(first_id):
+def prompts(first_id, positive=POSITIVE, negative=NEGATIVE):
     return [
-        node(first_id, "CLIPTextEncode", [420, 80], {"text": POSITIVE}, {"clip": (1, 1)}, "Positive prompt"),
-        node(first_id + 1, "CLIPTextEncode", [420, 300], {"text": NEGATIVE}, {"clip": (1, 1)}, "Negative prompt"),
+        node(first_id, "CLIPTextEncode", [420, 80], {"text": positive}, {"clip": (1, 1)}, "Positive prompt"),
+        node(first_id + 1, "CLIPTextEncode", [420, 300], {"text": negative}, {"clip": (1, 1)}, "Negative prompt"),
+    ]
+
+
+def rtn_compare(loader, size, positive=POSITIVE, negative=NEGATIVE):
+    """Nodes 1-5: `loader` (MODEL, CLIP, VAE), its RTN W4 copy, prompts, LowBitCompare of the two."""
+    return [
+        loader,
+        node(2, "LowBitQuantizeUNet", [0, 420], {"method": "rtn", "bits": 4, "group_size": 128},
+             {"model": (1, 0)}),
+        *prompts(3, positive, negative),
+        node(5, "LowBitCompare", [820, 200],
+             {"seed": 42, "width": size, "height": size, "steps": 20, "cfg": 5.0, "sampler_name": "euler",
+              "scheduler": "normal"},
+             {"fp_model": (1, 0), "quantized_model": (2, 0), "positive": (3, 0), "negative": (4, 0),
+              "vae": (1, 2)}),
     ]
 
 
@@ -142,15 +157,8 @@ WORKFLOWS = {
             "MODEL as usual.")}),
     ],
     "lowbit_compare": [
-        node(1, "CheckpointLoaderSimple", [0, 200], {"ckpt_name": "sd_xl_base_1.0.safetensors"}),
-        node(2, "LowBitQuantizeUNet", [0, 420], {"method": "rtn", "bits": 4, "group_size": 128},
-             {"model": (1, 0)}),
-        *prompts(3),
-        node(5, "LowBitCompare", [820, 200],
-             {"seed": 42, "width": 1024, "height": 1024, "steps": 20, "cfg": 5.0, "sampler_name": "euler",
-              "scheduler": "normal"},
-             {"fp_model": (1, 0), "quantized_model": (2, 0), "positive": (3, 0), "negative": (4, 0),
-              "vae": (1, 2)}),
+        *rtn_compare(node(1, "CheckpointLoaderSimple", [0, 200], {"ckpt_name": "sd_xl_base_1.0.safetensors"}),
+                     1024),
         node(6, "PreviewImage", [1220, 200], {}, {"images": (5, 0)}),
         node(7, "Note", [0, 680], {"text": (
             "Compare samples the original and the quantized MODEL from the same seed: fp | quantized | "
@@ -163,17 +171,10 @@ WORKFLOWS = {
 TESTBED_PROMPT = "a small red circle top left on green"  # a held-out (colour, shape, position): never trained on
 
 
-def testbed_prompts(first_id):
-    return [
-        node(first_id, "CLIPTextEncode", [420, 80], {"text": TESTBED_PROMPT}, {"clip": (1, 1)}, "Positive prompt"),
-        node(first_id + 1, "CLIPTextEncode", [420, 300], {"text": ""}, {"clip": (1, 1)}, "Negative prompt"),
-    ]
-
-
 def testbed_generate():
     return [
         node(1, "LowBitTestbedLoader", [0, 200], {"weights": "testbed.safetensors"}),
-        *testbed_prompts(2),
+        *prompts(2, TESTBED_PROMPT, ""),
         node(4, "EmptyLatentImage", [420, 520], {"width": 32, "height": 32, "batch_size": 1}),
         node(5, "KSampler", [820, 200],
              {"seed": 42, "control_after_generate": "fixed", "steps": 20, "cfg": 5.0,
@@ -197,15 +198,8 @@ def testbed_generate():
 
 def testbed_compare():
     return [
-        node(1, "LowBitTestbedLoader", [0, 200], {"weights": "testbed.safetensors"}),
-        node(2, "LowBitQuantizeUNet", [0, 420], {"method": "rtn", "bits": 4, "group_size": 128},
-             {"model": (1, 0)}),
-        *testbed_prompts(3),
-        node(5, "LowBitCompare", [820, 200],
-             {"seed": 42, "width": 32, "height": 32, "steps": 20, "cfg": 5.0, "sampler_name": "euler",
-              "scheduler": "normal"},
-             {"fp_model": (1, 0), "quantized_model": (2, 0), "positive": (3, 0), "negative": (4, 0),
-              "vae": (1, 2)}),
+        *rtn_compare(node(1, "LowBitTestbedLoader", [0, 200], {"weights": "testbed.safetensors"}), 32,
+                     TESTBED_PROMPT, ""),
         node(6, "ImageScaleBy", [1220, 200], {"upscale_method": "nearest-exact", "scale_by": 8.0},
              {"image": (5, 0)}, "Enlarge x8 (view only)"),
         node(7, "PreviewImage", [1580, 200], {}, {"images": (6, 0)}),
