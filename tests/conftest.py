@@ -27,6 +27,15 @@ from helpers import comfy_env
 _TIMINGS_KEY = pytest.StashKey[dict]()
 
 
+IN_PROCESS_SDXL_LAST = "test_rtn_e2e.py"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The RTN end-to-end module loads full SDXL in the test process after its server tests: run it last, so
+    no later server test needs the memory (an fp32 SDXL in each process does not fit 24 GB)."""
+    items.sort(key=lambda item: item.path.name == IN_PROCESS_SDXL_LAST)
+
+
 def pytest_configure(config):
     # also declared in pytest.ini; repeated so the markers exist with any ini file
     for line in (

@@ -6,7 +6,7 @@ On CPU the methods are restricted (the options' `layers` pattern) to a few block
 the highest resolution, the first transformer block of the middle, a ResBlock of the last up level; all of
 ComfyUI's sampling, the calibration record, the per-timestep parameters, the file and the loader run as for the
 full UNet (quantizing all 771 layers is exercised by the RTN end-to-end test and the in-process testbed tests).
-Sorted before test_rtn_e2e.py, which holds an in-process SDXL afterwards.
+test_rtn_e2e.py, which holds an in-process SDXL, runs after every other module (conftest).
 """
 import json
 import os

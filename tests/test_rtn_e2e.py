@@ -1,9 +1,8 @@
 """Foundation end to end: the RTN workflow in the real ComfyUI server on the full-size random SDXL checkpoint,
 then the same quantization in-process to measure output error and reload fidelity.
 
-Order matters (module-scoped state): the server run writes the LowBit file the later tests read. The file
-sorts after test_harness.py on purpose: the harness loads SDXL in the server first, so no test loads it there
-again after this module's in-process SDXL.
+Order matters (module-scoped state): the server run writes the LowBit file the later tests read. conftest
+runs this module last, so no server test needs memory after this module's in-process SDXL.
 """
 import json
 import math
