@@ -7,5 +7,7 @@ __version__ = "0.1.0"
 
 
 async def comfy_entrypoint():
+    from .kernels import register_kitchen_layouts
     from .nodes import LowBitExtension
+    register_kitchen_layouts()
     return LowBitExtension()

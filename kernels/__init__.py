@@ -1,1 +1,18 @@
 """Compute kernels for LowBit layers: Triton kernels with plain-torch twins, chosen in `dispatch`."""
+import importlib.util
+import logging
+
+
+def register_kitchen_layouts() -> bool:
+    """Register LowBit's layouts with comfy_kitchen (newer ComfyUI's QuantizedTensor) when it is installed.
+
+    False when it is not installed or its API does not fit; the pack's own layer classes work either way."""
+    if importlib.util.find_spec("comfy_kitchen") is None:
+        return False
+    try:
+        from . import kitchen  # noqa: F401  (registers on import)
+    except Exception as e:  # an optional integration never stops the pack from loading
+        logging.warning("LowBit: comfy_kitchen found but its layouts could not be registered (%s: %s)",
+                        type(e).__name__, e)
+        return False
+    return True
