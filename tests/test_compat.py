@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from helpers.comfy_env import import_comfy
+from helpers.comfy_env import comfy_nodes, import_comfy
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,14 @@ LORA_LAYERS = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "middle_block
                "output_blocks.3.0.in_layers.2", "output_blocks.5.1.transformer_blocks.0.ff.net.2"]
 
 
-def kohya_lora(unet, seed, rank=4, alpha=2.0):
-    """A LoRA in kohya's SDXL key format (lora_unet_<ldm name with underscores>) for LORA_LAYERS."""
+CYCLE_LORA_LAYERS = ["input_blocks.1.0.in_layers.2", "middle_block.1.proj_in"]
+
+
+def kohya_lora(unet, seed, rank=4, alpha=2.0, names=tuple(LORA_LAYERS)):
+    """A LoRA in kohya's SDXL key format (lora_unet_<ldm name with underscores>) for the layers `names`."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for name in LORA_LAYERS:
+    for name in names:
         shape = unet.get_submodule(name).weight_shape
         key = "lora_unet_" + name.replace(".", "_")
         if len(shape) == 4:
@@ -127,3 +130,188 @@ def test_model_management_sees_true_size(base):
     dense = summary["total_bytes"] - packed  # the 16-bit rest, held in 16 bits also on CPU (fp32 compute)
     assert base.model_size() == pytest.approx(packed + dense, rel=0.02)
     assert base.model_size() < 0.5 * 4 * summary["total_params"]
+
+
+def _rss_bytes() -> int:
+    import ctypes
+    import gc
+    gc.collect()
+    try:  # freed heap pages back to the OS first, so RSS measures live memory (glibc keeps them otherwise)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_load_sample_unload_50_cycles_leaks_nothing(tmp_path):
+    """The trained testbed, W4-quantized and saved once; then 50 times: the LowBit file is loaded into a MODEL
+    (fileformat.load + build_model, the load node's path with the testbed's model config), sampled by the stock
+    KSampler's function with a LoRA on top, and unloaded by ComfyUI's model management. Every cycle's MODEL must
+    be freed and the process RSS may grow < 2% between cycle 5 and cycle 50."""
+    import weakref
+
+    import_comfy()
+    import comfy.model_management
+    import folder_paths
+    nodes = comfy_nodes()
+    from lowbit.bench.testbed.model import comfy_testbed_objects
+    from lowbit.nodes.comfy_model import build_model
+    from lowbit.nodes.quantize import LowBitQuantizeUNet
+    from lowbit.nodes.save import LowBitSaveQuantizedUNet
+    from lowbit.quant_core import fileformat
+    import comfy.sd
+
+    fp, clip, _ = comfy_testbed_objects()
+    folder_paths.set_output_directory(str(tmp_path))
+    path = LowBitSaveQuantizedUNet.execute(LowBitQuantizeUNet.execute(fp, "rtn", 4, 32).result[0],
+                                           "cycles/w4").result[0]
+    model_config = fp.model.model_config
+    positive = nodes.CLIPTextEncode().encode(clip, "a red circle on a blue background")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = nodes.EmptyLatentImage().generate(32, 32, 1)[0]
+    del fp
+
+    def cycle(i):
+        f = fileformat.load(path)
+        info = {k: f.header.get(k) for k in ("method", "method_config", "arch", "unet_config")}
+        model = build_model(f.layers, f.dense, info, model_config=model_config)
+        lora = kohya_lora(model.model.diffusion_model, seed=i % 3, names=CYCLE_LORA_LAYERS)
+        with_lora = comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0)[0]
+        samples = nodes.common_ksampler(with_lora, i, 2, 4.0, "euler", "normal", positive, negative, latent)[0]
+        assert torch.isfinite(samples["samples"]).all()
+        ref = weakref.ref(model.model)
+        del f, model, with_lora, lora
+        comfy.model_management.unload_all_models()
+        comfy.model_management.cleanup_models_gc()
+        return ref, samples["samples"]
+
+    refs, rss = [], {}
+    first = None
+    for i in range(50):
+        ref, out = cycle(i)
+        refs.append(ref)
+        first = out if first is None else first
+        if i in (4, 49):
+            rss[i] = _rss_bytes()
+        if i == 3:  # cycle 0 again: loading, sampling and unloading leave no state behind
+            assert torch.equal(first, cycle(0)[1])
+    alive = [i for i, r in enumerate(refs) if r() is not None]
+    assert not alive, f"MODELs of cycles {alive} are still referenced after unloading"
+    growth = rss[49] / rss[4] - 1
+    print(f"RSS after cycle 5: {rss[4] / 2**20:.1f} MiB, after cycle 50: {rss[49] / 2**20:.1f} MiB "
+          f"({growth:+.2%})")
+    assert growth < 0.02
+
+
+def random_testbed_controlnet(unet_config: dict, seed: int = 0):
+    """A random ControlNet for the testbed UNet, built the way comfy.controlnet loads one (cldm.ControlNet from the
+    UNet's config with a 3-channel hint), every weight random — zero-initialised output convs would add nothing.
+    Like TestbedComfyModel it refolds ComfyUI's latent layout [B, 192, 4, 4] to the UNet's [B, 48, 8, 8]; the hint
+    is resized to 16x the latent (64x64) so the hint encoder's /8 lands on the UNet's 8x8."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    from helpers.fixtures import deterministic_init_
+    from lowbit.bench.testbed.model import image_to_unet, unfold_latent
+
+    class TestbedControlNetModel(comfy.cldm.cldm.ControlNet):
+        def forward(self, x, hint, timesteps, context, y=None, **kwargs):
+            return super().forward(image_to_unet(unfold_latent(x)), hint, timesteps, context, y=y, **kwargs)
+
+    config = {k: v for k, v in unet_config.items() if k != "out_channels"}
+    control_model = TestbedControlNetModel(hint_channels=3, **config)
+    deterministic_init_(control_model, seed)
+    for p in control_model.parameters():  # residuals of a visible but moderate size
+        p.data.mul_(0.5)
+    return comfy.controlnet.ControlNet(control_model, compression_ratio=16,
+                                      load_device=comfy.model_management.get_torch_device())
+
+
+def first_unet_call(nodes, model, positive, negative, latent):
+    """Samples one step with the stock KSampler function and returns, from the first UNet call, the ControlNet
+    residuals handed to the UNet, its output, and its output for the same call without them."""
+    seen = []
+
+    def wrapper(apply_model, args):
+        control = args["c"].get("control")
+        control = control and {k: list(v) for k, v in control.items()}  # the UNet pops the lists as it adds them
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        if not seen:
+            no_control = {k: v for k, v in args["c"].items() if k != "control"}
+            seen.append((control, out, apply_model(args["input"], args["timestep"], **no_control)))
+        return out
+    model = model.clone()
+    model.set_model_unet_function_wrapper(wrapper)
+    nodes.common_ksampler(model, 7, 1, 4.0, "euler", "normal", positive, negative, latent)
+    return seen[0]
+
+
+def test_controlnet_adds_the_same_residuals_to_quantized_and_fp_models():
+    import json
+    import_comfy()
+    nodes = comfy_nodes()
+    from lowbit.bench.testbed.model import TESTBED_WEIGHTS, comfy_testbed_objects, read_metadata
+    from lowbit.nodes.quantize import LowBitQuantizeUNet
+    fp, clip, _ = comfy_testbed_objects()
+    quantized = LowBitQuantizeUNet.execute(fp, "rtn", 8, 0).result[0]
+    control_net = random_testbed_controlnet(json.loads(read_metadata(TESTBED_WEIGHTS)["unet"]))
+    hint = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    positive = nodes.CLIPTextEncode().encode(clip, "a red circle on a blue background")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint,
+                                                                          0.8, 0.0, 1.0)
+    latent = nodes.EmptyLatentImage().generate(32, 32, 1)[0]
+    control_q, out_q, plain_q = first_unet_call(nodes, quantized, positive, negative, latent)
+    control_f, out_f, plain_f = first_unet_call(nodes, fp, positive, negative, latent)
+    assert set(control_q) == {"input", "middle", "output"} and set(control_f) == set(control_q)
+    pairs = [(a, b) for key in control_q for a, b in zip(control_q[key], control_f[key]) if a is not None]
+    assert len(pairs) >= 5 and all(torch.equal(a, b) for a, b in pairs)  # the same residuals reach both UNets
+    assert all(a.abs().max() > 0 for a, _ in pairs)
+    effect_q, effect_f = out_q - plain_q, out_f - plain_f
+    assert rel(effect_f, plain_f) > 0.05  # the ControlNet changes the output visibly
+    # and the quantized model's output changes as the fp model's does (up to its own 8-bit weight error)
+    weight_error = rel(plain_q, plain_f)
+    print(f"ControlNet effect: |fp| {rel(effect_f, plain_f):.3f} of the output, quantized vs fp effect "
+          f"{rel(effect_q, effect_f):.4f}, W8 output error {weight_error:.4f}")
+    assert rel(effect_q, effect_f) < weight_error
+
+
+def test_lowbit_layers_trace_without_graph_breaks(base, inputs):
+    """torch.compile's tracer (dynamo) takes a LowBit UNet whole: no graph break in any LowBit frame, with and
+    without a LoRA's weight patches. This checks the torch path that runs on a CPU; the Triton path and the
+    compiled speed need a GPU (bench)."""
+    import comfy.sd
+    import torch._dynamo
+    from lowbit.quant_core.qlayers import QuantizedLayer
+
+    import os
+    from pathlib import Path
+    import lowbit
+    root = Path(lowbit.__file__).resolve().parent
+    foreign = (root / ".comfyui", root / ".venv")
+
+    def is_lowbit(filename):
+        path = Path(os.path.realpath(filename))
+        return path.is_relative_to(root) and not any(path.is_relative_to(f) for f in foreign)
+
+    def lowbit_breaks(module, *args, **kwargs):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(module)(*args, **kwargs)
+        frames = [f for b in explanation.break_reasons for f in b.user_stack]
+        return explanation, [f"{f.filename}:{f.lineno}" for f in frames if is_lowbit(f.filename)]
+
+    unet = base.model.diffusion_model
+    linear = next(m for m in unet.modules() if isinstance(m, QuantizedLayer) and m.kind == "linear")
+    explanation, ours = lowbit_breaks(linear, torch.randn(3, linear.in_features))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    with_lora = comfy.sd.load_lora_for_models(base, None, kohya_lora(unet, 4), 1.0, 0)[0]
+    for patcher in (base, with_lora):
+        import comfy.model_management
+        comfy.model_management.unload_all_models()
+        patcher.patch_model(device_to=torch.device("cpu"))
+        try:
+            explanation, ours = lowbit_breaks(patcher.model.diffusion_model, **inputs)
+        finally:
+            patcher.unpatch_model(torch.device("cpu"))
+        assert explanation.graph_count >= 1 and not ours, ours

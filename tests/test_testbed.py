@@ -1,9 +1,6 @@
 """The testbed: procedural data, classifier, metrics, the shipped trained model, and its ComfyUI objects."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -126,23 +123,10 @@ def test_fp_testbed_aligns_on_held_out_prompts(testbed, classifier):
     assert (first - images[:4]).abs().max() < 1e-3
 
 
-def _comfyui_nodes_module():
-    """ComfyUI's nodes.py; imported by path because the repo's own `nodes/` package can shadow the name."""
-    from helpers.comfy_env import comfy_root
-    path = comfy_root() / "nodes.py"
-    module = sys.modules.get("nodes")
-    if module is not None and Path(getattr(module, "__file__", "")).resolve() == path.resolve():
-        return module
-    spec = importlib.util.spec_from_file_location("nodes", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nodes"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.comfy_inprocess
 def test_comfy_stock_nodes_match_bench_sampler(comfy_env_module, testbed, classifier):
-    nodes = _comfyui_nodes_module()
+    from helpers.comfy_env import comfy_nodes
+    nodes = comfy_nodes()
     from lowbit.bench.testbed.model import comfy_testbed_objects
     from lowbit.bench.testbed.sample import sample
     unet, text_encoder, tokenizer, _ = testbed

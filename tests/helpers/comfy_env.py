@@ -9,6 +9,7 @@ in-process imports ``comfy.*``; it forces CPU mode before
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import threading
@@ -74,3 +75,18 @@ def import_comfy():
         import comfy
 
         return comfy
+
+
+def comfy_nodes():
+    """ComfyUI's nodes.py (stock nodes such as KSampler); imported by path because the repo's own `nodes/`
+    package can shadow the name."""
+    import_comfy()
+    path = comfy_root() / "nodes.py"
+    module = sys.modules.get("nodes")
+    if module is not None and Path(getattr(module, "__file__", "")).resolve() == path.resolve():
+        return module
+    spec = importlib.util.spec_from_file_location("nodes", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nodes"] = module
+    spec.loader.exec_module(module)
+    return module
