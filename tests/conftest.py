@@ -27,13 +27,16 @@ from helpers import comfy_env
 _TIMINGS_KEY = pytest.StashKey[dict]()
 
 
-IN_PROCESS_SDXL_LAST = "test_rtn_e2e.py"
+IN_PROCESS_SDXL_LAST = ("test_rtn_e2e.py", "test_sdxl_lora.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The RTN end-to-end module loads full SDXL in the test process after its server tests: run it last, so
-    no later server test needs the memory (an fp32 SDXL in each process does not fit 24 GB)."""
-    items.sort(key=lambda item: item.path.name == IN_PROCESS_SDXL_LAST)
+    """Modules that load full SDXL in the test process run last, in this order (the RTN end-to-end module after
+    its own server tests), so no later server test needs the memory (an SDXL in each process does not fit 24 GB)."""
+    def rank(item):
+        name = item.path.name
+        return IN_PROCESS_SDXL_LAST.index(name) + 1 if name in IN_PROCESS_SDXL_LAST else 0
+    items.sort(key=rank)
 
 
 def pytest_configure(config):

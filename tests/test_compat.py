@@ -1,10 +1,11 @@
-"""LowBit MODELs with stock ComfyUI weight patching (LoRA), partial (lowvram) loading and memory accounting,
-in-process on a tiny SDXL-structure UNet (real ComfyUI code paths, no server)."""
-import copy
+"""LowBit MODELs with stock ComfyUI machinery, in-process (real ComfyUI code paths, no server): weight patching
+(LoRA), partial (lowvram) loading and memory accounting on a tiny SDXL-structure UNet; ControlNet, 50
+load-sample-unload cycles on the trained testbed; torch.compile tracing (dynamo) of LowBit layers."""
 
 import pytest
 import torch
 
+from helpers import lora as lora_helpers
 from helpers.comfy_env import comfy_nodes, import_comfy
 
 
@@ -37,47 +38,14 @@ LORA_LAYERS = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "middle_block
 CYCLE_LORA_LAYERS = ["input_blocks.1.0.in_layers.2", "middle_block.1.proj_in"]
 
 
-def kohya_lora(unet, seed, rank=4, alpha=2.0, names=tuple(LORA_LAYERS)):
-    """A LoRA in kohya's SDXL key format (lora_unet_<ldm name with underscores>) for the layers `names`."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name in names:
-        shape = unet.get_submodule(name).weight_shape
-        key = "lora_unet_" + name.replace(".", "_")
-        if len(shape) == 4:
-            down = torch.randn(rank, shape[1], shape[2], shape[3], generator=g) * 0.1
-            up = torch.randn(shape[0], rank, 1, 1, generator=g) * 0.1
-        else:
-            down = torch.randn(rank, shape[1], generator=g) * 0.1
-            up = torch.randn(shape[0], rank, generator=g) * 0.1
-        sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
-    return sd
+def kohya_lora(unet, seed, names=tuple(LORA_LAYERS)):
+    return lora_helpers.kohya_lora(unet, seed, names)
 
 
-def lora_delta(lora, name, shape, rank=4):
-    key = "lora_unet_" + name.replace(".", "_")
-    down, up = lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"]
-    scale = lora[f"{key}.alpha"].item() / rank
-    return (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
-
-
-def reference_unet(patcher, loras):
-    """Independent reference: a dense copy of the UNet whose quantized layers hold dequantized weights plus
-    strength x LoRA delta, computed here without ComfyUI's patch code."""
-    from lowbit.quant_core.api import set_submodule
-    from lowbit.quant_core.qlayers import QuantizedLayer
-    unet = copy.deepcopy(patcher.model.diffusion_model)
-    for name, m in list(unet.named_modules()):
-        if isinstance(m, QuantizedLayer):
-            w = m.dequantize_weight()
-            for lora, strength in loras:
-                if name in LORA_LAYERS:
-                    w = w + strength * lora_delta(lora, name, w.shape)
-            dense = torch.nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=m.stride, padding=m.padding) \
-                if w.dim() == 4 else torch.nn.Linear(w.shape[1], w.shape[0])
-            dense.weight.data, dense.bias = w, None if m.bias is None else torch.nn.Parameter(m.bias.float())
-            set_submodule(unet, name, dense)
-    return unet
+def reference_out(patcher, loras, inputs):
+    """Independent reference: the UNet with its LoRA'd layers made dense (dequantized weight + strength x delta)."""
+    with torch.no_grad(), lora_helpers.dense_reference(patcher.model.diffusion_model, LORA_LAYERS, loras) as unet:
+        return unet(**inputs)
 
 
 def run(patcher, inputs, lowvram_bytes=0):
@@ -102,12 +70,10 @@ def test_stock_lora_applies_exactly_stacks_and_unloads(base, inputs):
     with_a = comfy.sd.load_lora_for_models(base, None, lora_a, 0.8, 0)[0]
     assert sum(k.startswith("diffusion_model.") for k in with_a.patches) == len(LORA_LAYERS)
     out_a = run(with_a, inputs)
-    with torch.no_grad():
-        ref_a = reference_unet(base, [(lora_a, 0.8)])(**inputs)
+    ref_a = reference_out(base, [(lora_a, 0.8)], inputs)
     assert rel(out_a, ref_a) < 1e-5 and rel(out_a, plain) > 1e-3
     both = comfy.sd.load_lora_for_models(with_a, None, lora_b, -0.5, 0)[0]
-    with torch.no_grad():
-        ref_ab = reference_unet(base, [(lora_a, 0.8), (lora_b, -0.5)])(**inputs)
+    ref_ab = reference_out(base, [(lora_a, 0.8), (lora_b, -0.5)], inputs)
     assert rel(run(both, inputs), ref_ab) < 1e-5
     zero = comfy.sd.load_lora_for_models(base, None, lora_a, 0.0, 0)[0]
     assert torch.equal(run(zero, inputs), plain)
@@ -176,7 +142,7 @@ def test_load_sample_unload_50_cycles_leaks_nothing(tmp_path):
         f = fileformat.load(path)
         info = {k: f.header.get(k) for k in ("method", "method_config", "arch", "unet_config")}
         model = build_model(f.layers, f.dense, info, model_config=model_config)
-        lora = kohya_lora(model.model.diffusion_model, seed=i % 3, names=CYCLE_LORA_LAYERS)
+        lora = kohya_lora(model.model.diffusion_model, i % 3, CYCLE_LORA_LAYERS)
         with_lora = comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0)[0]
         samples = nodes.common_ksampler(with_lora, i, 2, 4.0, "euler", "normal", positive, negative, latent)[0]
         assert torch.isfinite(samples["samples"]).all()

@@ -75,6 +75,35 @@ def test_load_and_generate_reproduces_the_quantized_image(comfy_server):
     assert _pixels(images[0]) == _pixels(STATE["image"])  # same seed: the reloaded file samples identically
 
 
+LOWVRAM_BUDGET_MIB = 512  # the UNet file is ~1.4 GB: ComfyUI must leave most of it offloaded
+
+
+def test_load_and_generate_with_lowvram_partial_loading(comfy_server, sdxl_ckpt):
+    """`lowbit_load_and_generate` in a second server on a simulated 512 MiB device (helpers/simulated_vram_main.py
+    hands ComfyUI's loader the partial-loading budget a small card gives; ComfyUI refuses --lowvram together with
+    --cpu, and on a CPU it always loads whole): ComfyUI loads the LowBit UNet partially (its log says so) and the
+    image is identical to the fully loaded run's. The real --lowvram flag on a GPU is `bench lowvram`'s part."""
+    from pathlib import Path
+
+    from helpers.comfy_server import ComfyServer
+    comfy_server.free()  # the first server drops its cached models: two SDXL pipelines at once do not fit
+    time.sleep(3)
+    launcher = [str(Path(__file__).parent / "helpers" / "simulated_vram_main.py"), str(LOWVRAM_BUDGET_MIB)]
+    with ComfyServer(checkpoint=sdxl_ckpt, launcher=launcher) as low:
+        link = low.models_dir("diffusion_models") / "lowvram_w4.safetensors"
+        link.symlink_to(Path(STATE["saved"]).resolve())
+        prompt = load_api_workflow("lowbit_load_and_generate", **{
+            "1__ckpt_name": "sdxl_random.safetensors", "2__unet_name": link.name, "5__width": 64, "5__height": 64,
+            "6__steps": 2, "8__filename_prefix": "e2e/lowvram"})
+        images = low.output_files(low.run(prompt, timeout=1200))
+        log = low.log_text()
+        assert _pixels(images[0]) == _pixels(STATE["image"])
+    partial = [line for line in log.splitlines() if "loaded partially" in line]
+    assert partial, f"ComfyUI never loaded a model partially; log tail:\n{log[-3000:]}"
+    assert any("MB offloaded" in line and float(line.split("MB loaded, ")[1].split(" MB offloaded")[0]) > 500
+               for line in partial)  # the UNet: most of its ~1.4 GB left offloaded and cast at each forward
+
+
 def test_compare_workflow_reports_on_the_quantized_model(comfy_server):
     prompt = load_api_workflow("lowbit_compare", **{
         "1__ckpt_name": "sdxl_random.safetensors", "5__width": 64, "5__height": 64, "5__steps": 2})

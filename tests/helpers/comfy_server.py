@@ -98,11 +98,13 @@ class ComfyServer:
 
     def __init__(self, checkpoint: Optional[os.PathLike] = None, base_dir: Optional[os.PathLike] = None,
                  port: Optional[int] = None, extra_args: Sequence[str] = (), python: Optional[str] = None,
-                 env: Optional[dict] = None, checkpoint_name: str = "sdxl_random.safetensors"):
+                 env: Optional[dict] = None, checkpoint_name: str = "sdxl_random.safetensors",
+                 launcher: Sequence[str] = ()):
         self._own_base = base_dir is None
         self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="lowbit-comfy-"))
         self.port = port
         self.extra_args = list(extra_args)
+        self.launcher = list(launcher)  # a script (+ its args) that runs main.py, e.g. simulated_vram_main.py
         self.python = python or venv_python()
         self.env = env
         self.checkpoint = Path(checkpoint) if checkpoint else None
@@ -173,7 +175,7 @@ class ComfyServer:
 
     def command(self, yaml_path: Path) -> List[str]:
         return [
-            self.python, str(comfy_root() / "main.py"), "--cpu",
+            self.python, *self.launcher, str(comfy_root() / "main.py"), "--cpu",
             "--listen", HOST, "--port", str(self.port), "--disable-auto-launch",
             "--extra-model-paths-config", str(yaml_path),
             "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
