@@ -213,34 +213,76 @@ def first_unet_call(nodes, model, positive, negative, latent):
     return seen[0]
 
 
-def test_controlnet_adds_the_same_residuals_to_quantized_and_fp_models():
-    import json
+@pytest.fixture(scope="module")
+def testbed_pair():
+    """The trained testbed in fp and RTN W8 (per channel) with a prompt's conditioning and a 32x32 latent."""
     import_comfy()
     nodes = comfy_nodes()
-    from lowbit.bench.testbed.model import TESTBED_WEIGHTS, comfy_testbed_objects, read_metadata
+    from lowbit.bench.testbed.model import comfy_testbed_objects
     from lowbit.nodes.quantize import LowBitQuantizeUNet
     fp, clip, _ = comfy_testbed_objects()
     quantized = LowBitQuantizeUNet.execute(fp, "rtn", 8, 0).result[0]
-    control_net = random_testbed_controlnet(json.loads(read_metadata(TESTBED_WEIGHTS)["unet"]))
-    hint = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
     positive = nodes.CLIPTextEncode().encode(clip, "a red circle on a blue background")[0]
     negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    return fp, quantized, positive, negative, nodes.EmptyLatentImage().generate(32, 32, 1)[0]
+
+
+def assert_same_effect(what, fp_change, fp_plain, q_change, q_plain):
+    """The patch changes the output visibly, and the quantized model's output as the fp model's (within the W8
+    model's own output error)."""
+    effect_f, effect_q = fp_change - fp_plain, q_change - q_plain
+    weight_error = rel(q_plain, fp_plain)
+    print(f"{what}: effect {rel(effect_f, fp_plain):.3f} of the fp output; quantized vs fp effect "
+          f"{rel(effect_q, effect_f):.4f}; W8 output error {weight_error:.4f}")
+    assert rel(effect_f, fp_plain) > 0.02
+    assert rel(effect_q, effect_f) < weight_error
+
+
+def test_controlnet_adds_the_same_residuals_to_quantized_and_fp_models(testbed_pair):
+    import json
+    from lowbit.bench.testbed.model import TESTBED_WEIGHTS, read_metadata
+    nodes = comfy_nodes()
+    fp, quantized, positive, negative, latent = testbed_pair
+    control_net = random_testbed_controlnet(json.loads(read_metadata(TESTBED_WEIGHTS)["unet"]))
+    hint = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
     positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, hint,
                                                                           0.8, 0.0, 1.0)
-    latent = nodes.EmptyLatentImage().generate(32, 32, 1)[0]
     control_q, out_q, plain_q = first_unet_call(nodes, quantized, positive, negative, latent)
     control_f, out_f, plain_f = first_unet_call(nodes, fp, positive, negative, latent)
     assert set(control_q) == {"input", "middle", "output"} and set(control_f) == set(control_q)
     pairs = [(a, b) for key in control_q for a, b in zip(control_q[key], control_f[key]) if a is not None]
     assert len(pairs) >= 5 and all(torch.equal(a, b) for a, b in pairs)  # the same residuals reach both UNets
     assert all(a.abs().max() > 0 for a, _ in pairs)
-    effect_q, effect_f = out_q - plain_q, out_f - plain_f
-    assert rel(effect_f, plain_f) > 0.05  # the ControlNet changes the output visibly
-    # and the quantized model's output changes as the fp model's does (up to its own 8-bit weight error)
-    weight_error = rel(plain_q, plain_f)
-    print(f"ControlNet effect: |fp| {rel(effect_f, plain_f):.3f} of the output, quantized vs fp effect "
-          f"{rel(effect_q, effect_f):.4f}, W8 output error {weight_error:.4f}")
-    assert rel(effect_q, effect_f) < weight_error
+    assert_same_effect("ControlNet", out_f, plain_f, out_q, plain_q)
+
+
+def _extra_image_tokens(n, context, value, extra_options):
+    """IP-Adapter-like: cross-attention also sees 4 fixed 'image' tokens (through the layers' own to_k/to_v)."""
+    tokens = torch.randn(1, 4, context.shape[-1], generator=torch.Generator().manual_seed(2)).to(context)
+    tokens = tokens.expand(context.shape[0], -1, -1)
+    return n, torch.cat([context, tokens], dim=1), torch.cat([value, tokens], dim=1)
+
+
+def _skip_scaling(h, hsp, transformer_options):
+    """FreeU-like: backbone features amplified, skip features damped, on every output block."""
+    return h * 1.2, hsp * 0.8
+
+
+PATCHES = {"attn2_patch": lambda m: m.set_model_attn2_patch(_extra_image_tokens),
+           "attn2_output_patch": lambda m: m.set_model_attn2_output_patch(lambda n, extra: n * 1.5),
+           "output_block_patch": lambda m: m.set_model_output_block_patch(_skip_scaling)}
+
+
+@pytest.mark.parametrize("patch", sorted(PATCHES))
+def test_attention_and_block_patches_act_on_quantized_as_on_fp(testbed_pair, patch):
+    nodes = comfy_nodes()
+    fp, quantized, positive, negative, latent = testbed_pair
+    outputs = {}
+    for name, model in (("fp", fp), ("q", quantized)):
+        patched = model.clone()
+        PATCHES[patch](patched)
+        outputs[name] = [first_unet_call(nodes, m, positive, negative, latent)[1] for m in (patched, model)]
+    assert_same_effect(patch, *outputs["fp"], *outputs["q"])
 
 
 def test_lowbit_layers_trace_without_graph_breaks(base, inputs):
