@@ -6,11 +6,13 @@ Entries, all PCR at one W·A· setting with the same calibration record and samp
 - `progressive_relaxed`: progressive calibration with 10-bit activations on the first 20% of the steps;
 - `activations_16bit`: the same weights with 16-bit activations on every step: what is left of the distance
   to fp with activation quantization out of the picture, the bound no activation calibration can beat.
+All variants share the weights: `--weight-rounding` (minmax: round to nearest, the default; gptq: GPTQ
+rounding on the same grid) applies to every entry, so the ratios measure activation calibration only.
 Each is sampled on the same in-domain and held-out prompts and seeds as the full-precision model and
 scored by PSNR and Fréchet distance to the fp samples ("FID to FP") and by alignment. `ratios` gives each
 entry's Fréchet distance and MSE to fp (10^(−PSNR/10)) relative to `oneshot`. Same testbed, prompts,
-calibration and output conventions as `bench quality` (default bench/results/qdiff_<bits>_seed<S>.json,
-PNG grid beside it).
+calibration and output conventions as `bench quality` (default bench/results/qdiff_<bits>_seed<S>.json, with
+`_gptq` before `.json` for GPTQ-rounded weights; PNG grid beside it).
 """
 import json
 import sys
@@ -27,6 +29,8 @@ VARIANTS = {"oneshot": {"progressive": False, "relax": "none"},
 
 def add_arguments(p):
     add_common_arguments(p)
+    p.add_argument("--weight-rounding", default="minmax",
+                   help="PCR weight rounding of every variant: minmax (to nearest) or gptq (Hessian-aware, same grid)")
 
 
 def run(args):
@@ -34,7 +38,8 @@ def run(args):
     weight_bits, act_bits = parse_bits_spec(args.bits)
     if act_bits is None:
         raise SystemExit(f"qdiff compares activation calibrations: give W{weight_bits}A<bits>")
-    path, grid = output_paths(args.out, f"qdiff_{args.bits.upper()}_seed{args.seed}")
+    rounding = "" if args.weight_rounding == "minmax" else f"_{args.weight_rounding}"
+    path, grid = output_paths(args.out, f"qdiff_{args.bits.upper()}_seed{args.seed}{rounding}")
     start = time.perf_counter()
     testbed = load_testbed_run(args.n, args.seed, args.steps, args.cfg)
     reference = testbed.samples(testbed.unet)
@@ -42,7 +47,8 @@ def run(args):
     rows, entries = {"fp": reference}, {}
     for name, options in VARIANTS.items():
         t0 = time.perf_counter()
-        config = PCRConfig(weight_bits=weight_bits, act_bits=act_bits, **options)
+        config = PCRConfig(weight_bits=weight_bits, act_bits=act_bits, weight_rounding=args.weight_rounding,
+                           **options)
         rows[name] = testbed.samples(quantized_copy(testbed, config, calibration))
         entries[name] = {"config": PCR().describe(config), **testbed.metrics(rows[name], reference),
                          "seconds": round(time.perf_counter() - t0, 1)}

@@ -118,17 +118,24 @@ class LowBitPCROptions(io.ComfyNode):
                                        "the SDXL choice), the last ones, or none."),
                 io.Float.Input("relax_fraction", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="Fraction of the steps that are relaxed."),
+                io.Combo.Input("weight_rounding", options=["minmax", "gptq"], default="minmax",
+                               tooltip="minmax: weights rounded to the nearest level of their per-channel "
+                                       "min-max grid. gptq: same grid and file format, but each weight's rounding "
+                                       "error is compensated on the layer's later inputs using the calibration "
+                                       "activations (GPTQ); much closer to full precision at 4 bits, costs a "
+                                       "replay of the recorded calibration calls and a per-layer fit."),
                 _layers_input(),
             ],
             outputs=_output(),
         )
 
     @classmethod
-    def execute(cls, bits, progressive, relax, relax_fraction, layers) -> io.NodeOutput:
+    def execute(cls, bits, progressive, relax, relax_fraction, weight_rounding, layers) -> io.NodeOutput:
         weight_bits, act_bits = parse_bits_spec(bits)
         return io.NodeOutput(QuantOptions("pcr", {"weight_bits": weight_bits, "act_bits": act_bits,
                                                   "progressive": progressive, "relax": relax,
-                                                  "relax_fraction": relax_fraction}, layers))
+                                                  "relax_fraction": relax_fraction,
+                                                  "weight_rounding": weight_rounding}, layers))
 
 
 OPTION_NODES = [LowBitVQOptions, LowBitDGQOptions, LowBitPCROptions]

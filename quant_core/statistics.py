@@ -72,3 +72,10 @@ def collect_xtx(unet: nn.Module, layers: dict, run: Callable[[], None]) -> dict:
         for handle in handles:
             handle.remove()
     return {name: sums[name] / counts[name] for name in sums}
+
+
+def damped(h: torch.Tensor, fraction: float) -> torch.Tensor:
+    """H plus `fraction` of its mean diagonal on the diagonal: directions the calibration inputs never excited
+    (zero or tiny eigenvalues) keep the weights close instead of leaving them free, and H stays invertible."""
+    diag = h.diagonal()
+    return h + torch.diag(torch.full_like(diag, fraction * diag.mean().clamp_min(1e-12).item()))

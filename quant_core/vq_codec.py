@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from .layouts.vq import CODEBOOK_SIZE, group_sums
+from .statistics import damped
 
 CHUNK_ELEMENTS = 2 ** 24  # floats per temporary buffer (64 MiB in fp32)
 KMEANS_SAMPLE = 2 ** 16  # k-means is fitted on at most this many groups, then all groups are assigned
@@ -69,7 +70,7 @@ def fit_vq(weight: torch.Tensor, hessian: Optional[torch.Tensor] = None, num_cod
         raise ValueError(f"K = {k} is not a multiple of the group size {group_size}")
     device = weight.device
     w = weight.detach().float()
-    h = None if hessian is None else _damped(hessian.to(device=device, dtype=torch.float32), damping)
+    h = None if hessian is None else damped(hessian.to(device=device, dtype=torch.float32), damping)
     gen = torch.Generator().manual_seed(seed)  # CPU generator: same draws on every device
 
     scales = _fp16(w.pow(2).mean(dim=1).sqrt())
@@ -100,11 +101,6 @@ def fit_vq(weight: torch.Tensor, hessian: Optional[torch.Tensor] = None, num_cod
 def _fp16(t: torch.Tensor) -> torch.Tensor:
     """Round to the nearest fp16 value (kept in float32 for the arithmetic)."""
     return t.to(torch.float16).float()
-
-
-def _damped(h: torch.Tensor, damping: float) -> torch.Tensor:
-    diag = h.diagonal()
-    return h + torch.diag(torch.full_like(diag, damping * diag.mean().clamp_min(1e-12).item()))
 
 
 def _normalised(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ SOCKETS = {
                         [("options", "LOWBIT_OPTIONS")]),
     "LowBitDGQOptions": ([], ["bits", "groups", "range_search", "quantize_attention", "layers"],
                          [("options", "LOWBIT_OPTIONS")]),
-    "LowBitPCROptions": ([], ["bits", "progressive", "relax", "relax_fraction", "layers"],
+    "LowBitPCROptions": ([], ["bits", "progressive", "relax", "relax_fraction", "weight_rounding", "layers"],
                          [("options", "LOWBIT_OPTIONS")]),
     "LowBitSaveQuantizedUNet": ([("model", "MODEL")], ["filename_prefix"], [("path", "STRING")]),
     "LowBitLoadQuantizedUNet": ([], ["unet_name"], [("MODEL", "MODEL")]),
@@ -240,7 +240,7 @@ METHOD_OPTIONS = {
     "dgq": ("LowBitDGQOptions", {"bits": "W8A8", "groups": "8", "range_search": False,
                                  "quantize_attention": True, "layers": ""}),
     "pcr": ("LowBitPCROptions", {"bits": "W8A8", "progressive": True, "relax": "first", "relax_fraction": 0.2,
-                                 "layers": ""}),
+                                 "weight_rounding": "minmax", "layers": ""}),
 }
 
 

@@ -59,7 +59,7 @@ def test_record_knows_cond_and_uncond_and_the_trajectory_reruns_exactly(testbed)
 
 @pytest.mark.parametrize("method,options", [
     ("dgq", ("LowBitDGQOptions", ("W8A8", "8", False, True, ""))),
-    ("pcr", ("LowBitPCROptions", ("W8A8", True, "first", 0.25, ""))),
+    ("pcr", ("LowBitPCROptions", ("W8A8", True, "first", 0.25, "gptq", ""))),
     ("minmax", None),
     ("vq", ("LowBitVQOptions", ("4x8g8", 4, 2, 0, 0, r"output_blocks\.[3-5]\.1\."))),
 ])

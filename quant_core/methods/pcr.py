@@ -1,15 +1,22 @@
 """PCR — Progressive Calibration and activation Relaxing (after tsa18/PCR).
 
-Quantizers: every selected Linear/Conv2d, weights per output channel asymmetric min-max (AdaRound/BRECQ
-block reconstruction is not done), inputs per tensor asymmetric with one range per sampling step from
-moving-average min/max observers. Attention matmuls stay in full precision.
+Quantizers: every selected Linear/Conv2d, weights per output channel asymmetric on the min-max grid, rounded to
+nearest or (`weight_rounding="gptq"`) GPTQ-rounded on that grid against XᵀX of the layer's inputs over the
+recorded full-precision calibration calls (lowbit.quant_core.gptq; AdaRound/BRECQ block reconstruction is not
+done), inputs per tensor asymmetric with one range per sampling step from moving-average min/max observers.
+Attention matmuls stay in full precision.
 
 Calibration needs to sample: `calibration.settings["sampler"]` must be a callable `sampler(unet)` that runs
 the calibration sampling (fixed prompts, seeds, schedule; deterministic) through `unet`'s forward. It lives in
 memory only (a record holding it cannot be saved). Steps are the distinct timesteps in the order the sampler
 first uses them.
 1. Full-precision pass: per-step observers of every layer input, then weights quantized and every step's
-   range set (with `progressive=False` this is the result: "one-shot").
+   range set (with `progressive=False` this is the result: "one-shot"). GPTQ rounding needs each layer's XᵀX:
+   it comes from replaying the calibration record's calls (which must be the sampler's full-precision calls,
+   as `record_unet_calls` around it records them; not checked) for groups of consecutive UNet blocks whose
+   matrices fit in XTX_BUDGET_BYTES, each replay stopping after its group, not from the sampling pass: all of
+   SDXL's matrices at once would be tens of GB, and a resumed run, which skips the sampling pass, gets the
+   same weights. The weights depend on full-precision inputs only, so the steps below never change them.
 2. Progressive: for t = 1 … S, reset step t−1's observers, run the quantized model from noise for t steps
    (steps < t−1 use their recalibrated ranges, step t−1 its current ones while observed) and refit step t−1
    from what it saw, so each step is fit to the latents the quantized trajectory produces. Cost: S(S+1)/2
@@ -26,6 +33,7 @@ At inference every step's range is selected by the nearest calibrated timestep
 """
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -41,11 +49,15 @@ from ..actquant.params import single_range
 from ..actquant.quantizers import uniform_params
 from ..errors import LowBitError
 from ..qlayers import matrix_view
+from ..statistics import collect_xtx
 from . import Method, register_method
+from .vq import blocks_in_order, replay_until
 
 SAMPLER_KEY = "sampler"
 RELAX_CHOICES = ("none", "first", "last")
+ROUNDING_CHOICES = ("minmax", "gptq")
 CHECKPOINT_KEY = "lowbit_pcr_checkpoint"
+XTX_BUDGET_BYTES = 2 ** 31  # XᵀX held at once for GPTQ rounding; a block above it is replayed alone
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class PCRConfig:
     relax_fraction: float = 0.2
     relax_bits: int = 10
     averaging_constant: float = 0.01
+    weight_rounding: str = "minmax"  # "minmax": round to nearest; "gptq": error-feedback rounding, same grid
     checkpoint: str = ""          # progressive-calibration checkpoint file ('' = none); not part of the result
 
     def __post_init__(self):
@@ -66,6 +79,8 @@ class PCRConfig:
                               f"2..16 (got {self.relax}, {self.relax_fraction}, {self.relax_bits})")
         if not 0 < self.averaging_constant <= 1:
             raise LowBitError(f"PCR: averaging_constant {self.averaging_constant} must be in (0, 1]")
+        if self.weight_rounding not in ROUNDING_CHOICES:
+            raise LowBitError(f"PCR: weight_rounding must be one of {ROUNDING_CHOICES} (got {self.weight_rounding})")
 
 
 def step_bits(n_steps: int, config: PCRConfig) -> list:
@@ -204,6 +219,34 @@ def _refit_step(unet, quantized, observers, sampler, tracker: _StepTracker, step
         layer.act_in_zero.data[index, 0] = zero
 
 
+def _replay_groups(unet, layers: dict) -> list:
+    """[(last block name, {layer: module})]: consecutive UNet blocks of `layers` merged while their XᵀX matrices
+    (float64 [K, K] per layer) fit in XTX_BUDGET_BYTES, so one replay of the record serves several blocks."""
+    groups, size = [], 0
+    for block_name, block_layers in blocks_in_order(unet, layers).items():
+        block_bytes = sum(8 * math.prod(m.weight.shape[1:]) ** 2 for m in block_layers.values())
+        if groups and size + block_bytes <= XTX_BUDGET_BYTES:
+            groups[-1] = (block_name, {**groups[-1][1], **block_layers})
+            size += block_bytes
+        else:
+            groups.append((block_name, dict(block_layers)))
+            size = block_bytes
+    return groups
+
+
+def _blocks_with_hessians(unet, layers: dict, calibration, gptq: bool):
+    """(layers, {layer: XᵀX of its inputs}) pairs covering `layers`. Round-to-nearest: one pair, no XᵀX. GPTQ: one
+    pair per group of blocks (_replay_groups), its XᵀX from replaying the recorded calibration calls up to the
+    group's last block, produced only when asked for, so only one group's matrices are held. A layer the replay
+    never reaches has no XᵀX (it is rounded to nearest)."""
+    if not gptq:
+        yield layers, {}
+        return
+    for last_block, group in _replay_groups(unet, layers):
+        block = unet.get_submodule(last_block)
+        yield group, collect_xtx(unet, group, lambda: replay_until(unet, calibration, block))
+
+
 @register_method
 class PCR(Method):
     name = "pcr"
@@ -221,6 +264,10 @@ class PCR(Method):
             raise LowBitError("PCR samples during calibration: pass a calibration record whose "
                               f"settings['{SAMPLER_KEY}'] is a callable sampler(unet) running the calibration "
                               "prompts (deterministic)")
+        gptq = config.weight_rounding == "gptq"
+        if gptq and len(calibration) == 0:  # checked before any sampling
+            raise LowBitError("PCR weight_rounding='gptq' needs the calibration record's recorded UNet calls (XᵀX "
+                              "of every layer's inputs); this record has none")
         fingerprint = _fingerprint(layers, config, settings)
         resumed = _load_checkpoint(config.checkpoint, fingerprint, config.averaging_constant)
         tracker = _StepTracker()
@@ -235,15 +282,17 @@ class PCR(Method):
         bits = step_bits(n_steps, config)
         order = sorted(range(n_steps), key=lambda s: tracker.timesteps[s])  # parameter index -> step
         result = {}
-        for name, module in layers.items():
-            steps = observers[name]
-            if all(o.lo is None for o in steps):
-                continue  # never called while sampling: stays in full precision
-            act_in = single_range([tracker.timesteps[s] for s in order],
-                                  [0.0 if steps[s].lo is None else steps[s].lo for s in order],
-                                  [0.0 if steps[s].hi is None else steps[s].hi for s in order],
-                                  [bits[s] for s in order])
-            result[name] = make_act_layer(module, config.weight_bits, False, act_in)
+        # weights from full-precision inputs only: every calibration variant (progressive, relax) gets the same
+        for block_layers, hessians in _blocks_with_hessians(unet, layers, calibration, gptq):
+            for name, module in block_layers.items():
+                steps = observers[name]
+                if all(o.lo is None for o in steps):
+                    continue  # never called while sampling: stays in full precision
+                act_in = single_range([tracker.timesteps[s] for s in order],
+                                      [0.0 if steps[s].lo is None else steps[s].lo for s in order],
+                                      [0.0 if steps[s].hi is None else steps[s].hi for s in order],
+                                      [bits[s] for s in order])
+                result[name] = make_act_layer(module, config.weight_bits, False, act_in, hessian=hessians.get(name))
         total = 1 + (n_steps if config.progressive else 0)
         if progress:
             progress(1 + done, total, "full-precision pass")

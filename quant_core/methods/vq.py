@@ -93,6 +93,15 @@ def block_of(name: str) -> str:
     return name
 
 
+def blocks_in_order(unet: nn.Module, layers: dict) -> dict:
+    """{block name: {layer name: module}} of `layers` grouped by block_of, blocks in `unet`'s module order."""
+    order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
+    blocks = {}
+    for name in sorted(layers, key=order.__getitem__):
+        blocks.setdefault(block_of(name), {})[name] = layers[name]
+    return blocks
+
+
 class _ReplayDone(Exception):
     """Raised by a hook once the block being measured has run: the rest of the UNet is not needed."""
 
@@ -189,13 +198,9 @@ class VQ(Method):
         if config.distill_steps and calibration.outputs is None:
             raise LowBitError("VQ: distillation needs a calibration record with the full-precision outputs; "
                               "record with outputs or set distill_steps=0")
-        order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
-        blocks = {}
-        for name in sorted(layers, key=order.__getitem__):
-            blocks.setdefault(block_of(name), {})[name] = layers[name]
         quantized, replaced = {}, {}
         try:
-            for block_name, block_layers in blocks.items():
+            for block_name, block_layers in blocks_in_order(unet, layers).items():
                 block = unet.get_submodule(block_name)
                 hessians = collect_xtx(unet, block_layers, lambda: replay_until(unet, calibration, block))
                 for name, module in block_layers.items():
