@@ -37,22 +37,35 @@ from . import dispatch
 class _LowBitLayout(QuantizedLayout):
     """Shared part: a LowBit layout's tensors split into qdata + params, and the layer they describe."""
 
-    lowbit_layout: str   # name in lowbit.quant_core.layouts
-    qdata_name: str      # which packed tensor is the QuantizedTensor's qdata
-    scale_name: str      # which one is BaseLayoutParams.scale
+    lowbit_layout: str          # name in lowbit.quant_core.layouts
+    qdata_name: str             # which packed tensor is the QuantizedTensor's qdata
+    scale_name: str             # which one is BaseLayoutParams.scale
+    extra_name: str             # the third packed tensor, a Params field of the same name
+    param_fields: tuple         # the LowBit layout params kept as Params fields
+    fixed_params: dict = {}     # LowBit layout params that never vary
 
     @classmethod
     def extra_tensors(cls, params) -> dict:
-        raise NotImplementedError
+        return {cls.extra_name: getattr(params, cls.extra_name)}
 
     @classmethod
     def lowbit_params(cls, params) -> dict:
-        raise NotImplementedError
+        return {**{f: getattr(params, f) for f in cls.param_fields}, **cls.fixed_params}
 
     @classmethod
     def fields_of(cls, lowbit_params: dict) -> dict:
         """Params fields (besides tensors) from a LowBit layer's params."""
-        raise NotImplementedError
+        return {f: lowbit_params[f] for f in cls.param_fields}
+
+    @classmethod
+    def requantize_kwargs(cls, qtensor):
+        return {f: getattr(qtensor._params, f) for f in cls.param_fields}
+
+    @classmethod
+    def make_params(cls, tensor: torch.Tensor, tensors: dict, **fields):
+        """Params of `tensor` (its logical shape and dtype) quantized to the LowBit `tensors`."""
+        return cls.Params(scale=tensors[cls.scale_name], orig_dtype=tensor.dtype, orig_shape=tuple(tensor.shape),
+                          **{cls.extra_name: tensors[cls.extra_name]}, **fields)
 
     @classmethod
     def layer(cls, qdata: torch.Tensor, params, bias: Optional[torch.Tensor] = None,
@@ -83,7 +96,8 @@ class _LowBitLayout(QuantizedLayout):
 class LowBitIntAffineLayout(_LowBitLayout):
     """LowBit `int_affine`: asymmetric integer codes with per-row/per-group scale and zero point."""
 
-    lowbit_layout, qdata_name, scale_name = "int_affine", "qweight", "scale"
+    lowbit_layout, qdata_name, scale_name, extra_name = "int_affine", "qweight", "scale", "zero"
+    param_fields = ("bits", "group_size")
 
     @dataclass(frozen=True)
     class Params(BaseLayoutParams):
@@ -97,31 +111,16 @@ class LowBitIntAffineLayout(_LowBitLayout):
 
     @classmethod
     def quantize(cls, tensor, bits: int = 4, group_size: int = 128, range_search: bool = False, **kwargs):
-        t = quantize_int_affine(matrix_view(tensor.detach()), bits, group_size, range_search)
-        return t["qweight"], cls.Params(scale=t["scale"], orig_dtype=tensor.dtype, orig_shape=tuple(tensor.shape),
-                                        zero=t["zero"], bits=bits, group_size=group_size)
-
-    @classmethod
-    def requantize_kwargs(cls, qtensor):
-        return {"bits": qtensor._params.bits, "group_size": qtensor._params.group_size}
-
-    @classmethod
-    def extra_tensors(cls, params):
-        return {"zero": params.zero}
-
-    @classmethod
-    def fields_of(cls, lowbit_params):
-        return {"bits": lowbit_params["bits"], "group_size": lowbit_params["group_size"]}
-
-    @classmethod
-    def lowbit_params(cls, params):
-        return {"bits": params.bits, "group_size": params.group_size}
+        tensors = quantize_int_affine(matrix_view(tensor.detach()), bits, group_size, range_search)
+        return tensors["qweight"], cls.make_params(tensor, tensors, bits=bits, group_size=group_size)
 
 
 class LowBitVQLayout(_LowBitLayout):
     """LowBit `vq`: additive codebooks (M x 256 codewords of g weights) times a per-row scale."""
 
-    lowbit_layout, qdata_name, scale_name = "vq", "codes", "scales"
+    lowbit_layout, qdata_name, scale_name, extra_name = "vq", "codes", "scales", "codebooks"
+    param_fields = ("num_codebooks", "group_size")
+    fixed_params = {"codebook_bits": CODEBOOK_BITS}
 
     @dataclass(frozen=True)
     class Params(BaseLayoutParams):
@@ -137,25 +136,8 @@ class LowBitVQLayout(_LowBitLayout):
     def quantize(cls, tensor, num_codebooks: int = 3, group_size: int = 8, seed: int = 0, **fit_options):
         fit = fit_vq(matrix_view(tensor.detach()), None, num_codebooks, group_size=group_size, seed=seed,
                      **fit_options)
-        return fit.codes, cls.Params(scale=fit.scales, orig_dtype=tensor.dtype, orig_shape=tuple(tensor.shape),
-                                     codebooks=fit.codebooks, num_codebooks=num_codebooks, group_size=group_size)
-
-    @classmethod
-    def requantize_kwargs(cls, qtensor):
-        return {"num_codebooks": qtensor._params.num_codebooks, "group_size": qtensor._params.group_size}
-
-    @classmethod
-    def extra_tensors(cls, params):
-        return {"codebooks": params.codebooks}
-
-    @classmethod
-    def fields_of(cls, lowbit_params):
-        return {"num_codebooks": lowbit_params["num_codebooks"], "group_size": lowbit_params["group_size"]}
-
-    @classmethod
-    def lowbit_params(cls, params):
-        return {"num_codebooks": params.num_codebooks, "codebook_bits": CODEBOOK_BITS,
-                "group_size": params.group_size}
+        tensors = {"codes": fit.codes, "scales": fit.scales, "codebooks": fit.codebooks}
+        return fit.codes, cls.make_params(tensor, tensors, num_codebooks=num_codebooks, group_size=group_size)
 
 
 KITCHEN_LAYOUTS = {cls.lowbit_layout: cls for cls in (LowBitIntAffineLayout, LowBitVQLayout)}
