@@ -138,3 +138,40 @@ def test_interrupted_quantization_resumes_to_the_same_result(testbed, monkeypatc
     resumed = run()
     assert resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
     assert not os.listdir(folder)
+
+
+def test_stock_lora_on_an_activation_quantized_model(testbed, probe):
+    """A LoRA loaded the stock way (comfy.sd.load_lora_for_models, what LoraLoader calls) on a DGQ W4A8 MODEL
+    reaches its activation-quantized layers as the layers' own weight patch: the output equals the same MODEL with
+    `dequantized weight + strength x delta` set on those layers directly, without ComfyUI's patch code."""
+    import comfy.model_management
+    import comfy.sd
+    from helpers import lora as lora_helpers
+    from lowbit.nodes.options import LowBitDGQOptions
+    from lowbit.nodes.quantize import LowBitQuantizeUNet
+    from lowbit.quant_core.actquant.layers import ActQuantMixin
+    model, calib = testbed
+    options = LowBitDGQOptions.execute("W4A8", "8", False, True, "").result[0]
+    quantized = LowBitQuantizeUNet.execute(model, "dgq", 4, 0, calib, options).result[0]
+    unet = quantized.model.diffusion_model
+    act_layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, ActQuantMixin)]
+    names = [next(n for n, m in act_layers if m.kind == kind) for kind in ("act_linear", "act_conv2d")]
+    lora = lora_helpers.kohya_lora(unet, 5, names)
+    plain = _out(quantized, probe)
+    patched = comfy.sd.load_lora_for_models(quantized, None, lora, 0.7, 0)[0]
+    comfy.model_management.load_models_gpu([patched])
+    out = _out(patched, probe)
+    comfy.model_management.load_models_gpu([quantized])
+    assert torch.equal(_out(quantized, probe), plain)  # the LoRA leaves with its MODEL
+    comfy.model_management.unload_all_models()
+    try:
+        for name in names:
+            layer = unet.get_submodule(name)
+            delta = lora_helpers.lora_delta(lora, name, layer.weight_shape)
+            layer.weight_function = [lambda w, d=delta: w + 0.7 * d.to(w)]
+        reference = _out(quantized, probe)
+    finally:
+        for name in names:
+            unet.get_submodule(name).weight_function = []
+    assert _rel(out, plain) > 1e-3
+    assert _rel(out, reference) < 1e-5
