@@ -73,15 +73,10 @@ COMFY_LOG_PATTERN = re.compile(r"loaded (partially|completely)|Unloaded partiall
 # ---- ComfyUI in-process --------------------------------------------------------------------------------------
 
 def import_comfy(cpu: bool):
-    """comfy.model_management, ComfyUI put on sys.path (appended: it shadows nothing) and on the CPU if asked;
-    the device is fixed when model_management is first imported."""
-    root = os.environ.get("LOWBIT_COMFYUI") or str(REPO / ".comfyui")
-    if root not in sys.path:
-        sys.path.append(root)
-    import comfy.cli_args
-    if cpu and "comfy.model_management" not in sys.modules:
-        comfy.cli_args.args.cpu = True
-    import comfy.model_management as mm
+    """comfy.model_management, on the CPU if asked (the testbed's import_comfy; the device is fixed when
+    model_management is first imported, so a process that already chose another one cannot run this)."""
+    from .testbed.model import import_comfy as import_comfy_on
+    mm = import_comfy_on(cpu).model_management
     if cpu != mm.is_device_cpu(mm.get_torch_device()):
         raise SystemExit(f"ComfyUI was already imported on {mm.get_torch_device()}; run this benchmark in a fresh "
                          "process")

@@ -1,13 +1,14 @@
 """Compute kernels for LowBit layers: Triton kernels with plain-torch twins, chosen in `dispatch`."""
-import importlib.util
 import logging
+import sys
 
 
 def register_kitchen_layouts() -> bool:
-    """Register LowBit's layouts with comfy_kitchen (newer ComfyUI's QuantizedTensor) when it is installed.
+    """Register LowBit's layouts with comfy_kitchen (newer ComfyUI's QuantizedTensor) when the running ComfyUI
+    uses it, i.e. has imported it before loading custom nodes; a ComfyUI without it does not pay the import.
 
-    False when it is not installed or its API does not fit; the pack's own layer classes work either way."""
-    if importlib.util.find_spec("comfy_kitchen") is None:
+    False when it is not in use or its API does not fit; the pack's own layer classes work either way."""
+    if "comfy_kitchen" not in sys.modules:
         return False
     try:
         from . import kitchen  # noqa: F401  (registers on import)

@@ -50,11 +50,6 @@ def pytest_configure(config):
     config.stash[_TIMINGS_KEY] = {}
 
 
-def _require_comfy():
-    if not comfy_env.comfy_available():
-        pytest.skip(f"ComfyUI not found at {comfy_env.comfy_root()} (set LOWBIT_COMFYUI)")
-
-
 @pytest.fixture(scope="session")
 def timings(pytestconfig) -> dict:
     """name -> seconds; printed at the end of the run."""
@@ -63,13 +58,13 @@ def timings(pytestconfig) -> dict:
 
 @pytest.fixture(scope="session")
 def comfy_env_module():
-    _require_comfy()
+    comfy_env.require_comfy()
     return comfy_env.import_comfy()
 
 
 @pytest.fixture(scope="session")
 def sdxl_ckpt(timings):
-    _require_comfy()
+    comfy_env.require_comfy()
     from helpers import fixtures
 
     t0 = time.perf_counter()
@@ -84,7 +79,7 @@ def sdxl_ckpt(timings):
 
 @pytest.fixture(scope="session")
 def sd15_unet(timings):
-    _require_comfy()
+    comfy_env.require_comfy()
     from helpers import fixtures
 
     t0 = time.perf_counter()
@@ -96,7 +91,7 @@ def sd15_unet(timings):
 
 @pytest.fixture(scope="session")
 def comfy_server(sdxl_ckpt, timings):
-    _require_comfy()
+    comfy_env.require_comfy()
     from helpers.comfy_server import ComfyServer
 
     extra = os.environ.get("LOWBIT_COMFY_ARGS", "").split()
@@ -111,7 +106,7 @@ def comfy_server(sdxl_ckpt, timings):
 
 @pytest.fixture
 def tiny_unet():
-    _require_comfy()
+    comfy_env.require_comfy()
     from helpers.fixtures import tiny_sdxl_unet
 
     return tiny_sdxl_unet(seed=0)

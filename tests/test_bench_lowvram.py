@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers.comfy_env import comfy_available, repo_root
+from helpers.comfy_env import repo_root, require_comfy
 
 VARIANTS = ("fp16", "vq3", "w4a8")
 CAPS = ("4", "6", "8")
@@ -17,8 +17,7 @@ BORDERLINE = 0.05
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    if not comfy_available():
-        pytest.skip("ComfyUI not found (set LOWBIT_COMFYUI)")
+    require_comfy()
     out = tmp_path_factory.mktemp("lowvram") / "lowvram.json"
     # a child process: the benchmark sets ComfyUI's output folder and logging for its run
     result = subprocess.run([sys.executable, "-m", "lowbit", "bench", "lowvram", "--dry-run", "--out", str(out)],

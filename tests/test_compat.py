@@ -1,6 +1,7 @@
 """LowBit MODELs with stock ComfyUI machinery, in-process (real ComfyUI code paths, no server): weight patching
 (LoRA), partial (lowvram) loading and memory accounting on a tiny SDXL-structure UNet; ControlNet, 50
 load-sample-unload cycles on the trained testbed; torch.compile tracing (dynamo) of LowBit layers."""
+import contextlib
 
 import pytest
 import torch
@@ -48,15 +49,21 @@ def reference_out(patcher, loras, inputs):
         return unet(**inputs)
 
 
-def run(patcher, inputs, lowvram_bytes=0):
+@contextlib.contextmanager
+def loaded(patcher, lowvram_bytes=0):
+    """The MODEL's UNet loaded by ComfyUI's ModelPatcher (weight patches attached; partially if lowvram_bytes)."""
     import comfy.model_management
     comfy.model_management.unload_all_models()
     patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=lowvram_bytes)
     try:
-        with torch.no_grad():
-            return patcher.model.diffusion_model(**inputs)
+        yield patcher.model.diffusion_model
     finally:
         patcher.unpatch_model(torch.device("cpu"))
+
+
+def run(patcher, inputs, lowvram_bytes=0):
+    with loaded(patcher, lowvram_bytes) as unet, torch.no_grad():
+        return unet(**inputs)
 
 
 def rel(a, b):
@@ -99,13 +106,8 @@ def test_model_management_sees_true_size(base):
 
 
 def _rss_bytes() -> int:
-    import ctypes
-    import gc
-    gc.collect()
-    try:  # freed heap pages back to the OS first, so RSS measures live memory (glibc keeps them otherwise)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    from helpers.fixtures import release_freed_memory
+    release_freed_memory()  # first, so RSS measures live memory
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
@@ -289,13 +291,13 @@ def test_lowbit_layers_trace_without_graph_breaks(base, inputs):
     """torch.compile's tracer (dynamo) takes a LowBit UNet whole: no graph break in any LowBit frame, with and
     without a LoRA's weight patches. This checks the torch path that runs on a CPU; the Triton path and the
     compiled speed need a GPU (bench)."""
-    import comfy.sd
-    import torch._dynamo
-    from lowbit.quant_core.qlayers import QuantizedLayer
-
     import os
     from pathlib import Path
+
+    import comfy.sd
+    import torch._dynamo
     import lowbit
+    from lowbit.quant_core.qlayers import QuantizedLayer
     root = Path(lowbit.__file__).resolve().parent
     foreign = (root / ".comfyui", root / ".venv")
 
@@ -311,15 +313,10 @@ def test_lowbit_layers_trace_without_graph_breaks(base, inputs):
 
     unet = base.model.diffusion_model
     linear = next(m for m in unet.modules() if isinstance(m, QuantizedLayer) and m.kind == "linear")
-    explanation, ours = lowbit_breaks(linear, torch.randn(3, linear.in_features))
+    explanation, _ = lowbit_breaks(linear, torch.randn(3, linear.in_features))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     with_lora = comfy.sd.load_lora_for_models(base, None, kohya_lora(unet, 4), 1.0, 0)[0]
     for patcher in (base, with_lora):
-        import comfy.model_management
-        comfy.model_management.unload_all_models()
-        patcher.patch_model(device_to=torch.device("cpu"))
-        try:
-            explanation, ours = lowbit_breaks(patcher.model.diffusion_model, **inputs)
-        finally:
-            patcher.unpatch_model(torch.device("cpu"))
+        with loaded(patcher) as patched_unet:
+            explanation, ours = lowbit_breaks(patched_unet, **inputs)
         assert explanation.graph_count >= 1 and not ours, ours

@@ -38,7 +38,7 @@ def x_for(name, dtype=torch.float32):
 
 def test_layouts_are_registered_in_comfy_kitchen():
     from lowbit.kernels import register_kitchen_layouts
-    assert register_kitchen_layouts()  # what the pack's entry point calls
+    assert register_kitchen_layouts()  # what the pack's entry point calls (comfy_kitchen imported above)
     assert get_layout_class("LowBitIntAffineLayout") is kitchen.LowBitIntAffineLayout
     assert get_layout_class("LowBitVQLayout") is kitchen.LowBitVQLayout
 

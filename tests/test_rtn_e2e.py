@@ -140,17 +140,12 @@ def fp_model(sdxl_ckpt):
     model.clip_for_tests = clip
     yield model
     # release the ~13 GB this module holds before later tests load SDXL in the server again
-    import gc
     import comfy.model_management
+    from helpers.fixtures import release_freed_memory
     del model, clip
     comfy.model_management.unload_all_models()
     comfy.model_management.cleanup_models()
-    gc.collect()
-    try:  # hand freed heap pages back to the OS (glibc keeps them otherwise)
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    release_freed_memory()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -43,18 +44,18 @@ UNET_FOLD = 4           # pixels folded per UNet position
 LATENT_FOLD = 8         # pixels folded per ComfyUI latent position, like SDXL's VAE downscale
 
 
-def import_comfy():
+def import_comfy(cpu: Optional[bool] = None):
     """Make ComfyUI importable (appended to sys.path so it shadows nothing) and return `comfy`.
 
-    Outside a running ComfyUI, the checkout is `<repo>/.comfyui` or $LOWBIT_COMFYUI; without CUDA it is
-    put in CPU mode before `comfy.model_management` picks its device.
+    Outside a running ComfyUI, the checkout is `<repo>/.comfyui` or $LOWBIT_COMFYUI; it is put in CPU mode
+    (`cpu`; default: when there is no CUDA) before `comfy.model_management` picks its device.
     """
     if "comfy.model_management" not in sys.modules:
         root = os.environ.get("LOWBIT_COMFYUI") or str(REPO_ROOT / ".comfyui")
         if root not in sys.path:
             sys.path.append(root)
         import comfy.cli_args
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() if cpu is None else cpu:
             comfy.cli_args.args.cpu = True
     import comfy.model_management  # noqa: F401  (fixes the device choice now)
     import comfy.ops  # noqa: F401

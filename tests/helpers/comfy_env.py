@@ -37,6 +37,13 @@ def comfy_available() -> bool:
     return (root / "main.py").is_file() and (root / "comfy").is_dir()
 
 
+def require_comfy() -> None:
+    """Skip the calling test when the ComfyUI checkout is missing."""
+    import pytest
+    if not comfy_available():
+        pytest.skip(f"ComfyUI not found at {comfy_root()} (set LOWBIT_COMFYUI)")
+
+
 def venv_python() -> str:
     """Interpreter for subprocesses (the repo venv if present, else the current one)."""
     return str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
