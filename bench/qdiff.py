@@ -10,7 +10,9 @@ All variants share the weights: `--weight-rounding` (minmax: round to nearest, t
 rounding on the same grid) applies to every entry, so the ratios measure activation calibration only.
 Each is sampled on the same in-domain and held-out prompts and seeds as the full-precision model and
 scored by PSNR and Fréchet distance to the fp samples ("FID to FP") and by alignment. `ratios` gives each
-entry's Fréchet distance and MSE to fp (10^(−PSNR/10)) relative to `oneshot`. Same testbed, prompts,
+entry's Fréchet distance and MSE to fp (10^(−PSNR/10)) relative to `oneshot`. `range_drift` says how far
+progressive calibration moved the ranges: per sampling step, the 10th/50th/90th percentile over layers of the
+ratio of the progressive input range to the one-shot one. Same testbed, prompts,
 calibration and output conventions as `bench quality` (default bench/results/qdiff_<bits>_seed<S>.json, with
 `_gptq` before `.json` for GPTQ-rounded weights; PNG grid beside it).
 """
@@ -44,12 +46,13 @@ def run(args):
     testbed = load_testbed_run(args.n, args.seed, args.steps, args.cfg)
     reference = testbed.samples(testbed.unet)
     calibration = testbed.calibration(args.calib_prompts)
-    rows, entries = {"fp": reference}, {}
+    rows, entries, models = {"fp": reference}, {}, {}
     for name, options in VARIANTS.items():
         t0 = time.perf_counter()
         config = PCRConfig(weight_bits=weight_bits, act_bits=act_bits, weight_rounding=args.weight_rounding,
                            **options)
-        rows[name] = testbed.samples(quantized_copy(testbed, config, calibration))
+        models[name] = quantized_copy(testbed, config, calibration)
+        rows[name] = testbed.samples(models[name])
         entries[name] = {"config": PCR().describe(config), **testbed.metrics(rows[name], reference),
                          "seconds": round(time.perf_counter() - t0, 1)}
         print(f"{name}: {json.dumps({s: entries[name][s] for s in SPLITS})}", file=sys.stderr, flush=True)
@@ -61,4 +64,20 @@ def run(args):
             ratios[name][split] = {
                 "frechet": round(entry[split]["frechet"] / base["frechet"], 4) if base["frechet"] else None,
                 "mse": round(10 ** ((base["psnr"] - entry[split]["psnr"]) / 10), 4)}
-    write_report("qdiff", args, {**entries, "ratios_to_oneshot": ratios}, start, rows, testbed, grid, path)
+    write_report("qdiff", args, {**entries, "ratios_to_oneshot": ratios,
+                                 "range_drift": range_drift(models["oneshot"], models["progressive"])},
+                 start, rows, testbed, grid, path)
+
+
+def range_drift(oneshot, progressive) -> list:
+    """Per calibrated timestep, in sampling order (descending): the 10th, 50th and 90th percentile over the
+    activation-quantized layers of progressive / one-shot input scale (= range ratio: both at the same bits)."""
+    import torch
+    refit = dict(progressive.named_modules())
+    ratios = torch.stack([refit[name].act_in_scale[:, 0] / layer.act_in_scale[:, 0]
+                          for name, layer in oneshot.named_modules() if hasattr(layer, "act_in_scale")], dim=1)
+    timesteps = next(m for m in oneshot.modules() if hasattr(m, "act_in_timesteps")).act_in_timesteps
+    return [{"timestep": round(float(timesteps[i]), 3),
+             **{key: round(float(ratios[i].quantile(q)), 4) for key, q in (("p10", 0.1), ("median", 0.5),
+                                                                           ("p90", 0.9))}}
+            for i in reversed(range(len(timesteps)))]
