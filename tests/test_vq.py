@@ -229,9 +229,8 @@ FAST_VQ = VQConfig.parse("3x8g8", max_rounds=1, beam_size=4, kmeans_iters=5, ref
 def tiny_vq():
     """fp tiny UNet, its calibration record (4 calls, batch 4, 32x32 latents), held-out inputs and their fp
     outputs, and the VQ layers from the calibrated block-by-block run (with the progress it reported)."""
-    from helpers import comfy_env
-    if not comfy_env.comfy_available():
-        pytest.skip("ComfyUI not available")
+    from helpers.comfy_env import require_comfy
+    require_comfy()
     from helpers.fixtures import tiny_sdxl_unet, tiny_unet_inputs
     torch.set_num_threads(1)
     unet = tiny_sdxl_unet(seed=0)
