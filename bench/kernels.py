@@ -42,6 +42,7 @@ FP32_ROUNDING_TOL = 1e-5
 CHECK_DTYPES = {"cpu": (torch.float16,), "cuda": (torch.float16, torch.bfloat16)}
 GEMM_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 DECODE_BLOCKS = {"block_n": 16, "block_k": 32}
+VQ_DECODE_BLOCKS = {"block_n": 16, "block_groups": 4}
 QUANT_BLOCKS = {"block_m": 16, "block_k": 32}
 
 
@@ -184,7 +185,7 @@ def check_weight_only(report, device, gen):
             codes, codebooks, scales = _vq_weights(n_out, k, 3, gen, device)
             args = (codes, codebooks, scales, shape, dtype)
             report.exact("vq_decode", f"3 codebooks -> {list(shape)} {dtype}",
-                         vq_gemm.vq_decode(*args, **DECODE_BLOCKS), twins.vq_decode(*args))
+                         vq_gemm.vq_decode(*args, **VQ_DECODE_BLOCKS), twins.vq_decode(*args))
 
 
 def check_autotuned(report, device, gen):

@@ -7,8 +7,11 @@ Otherwise the torch reference runs: for weight-only layouts the layout's own deq
 F.linear / F.conv2d in the input's dtype; for integer-activation layers the kernels' twins
 (lowbit.kernels.twins), which compute the same integers exactly. CPU tensors never reach Triton.
 
-Weight-only kernels per layout: Linear -> fused dequantize-and-multiply GEMM; Conv2d -> a Triton decode of
-the dense weight followed by cuDNN (whether an implicit-GEMM conv is faster is pending GPU measurement).
+Weight-only kernels per layout: Linear with at most FUSED_MAX_ROWS[layout] input rows -> the fused
+dequantize-and-multiply GEMM (memory-bound regime: it reads only the packed weight); more rows -> a Triton
+decode of the dense weight into scratch followed by cuBLAS (compute-bound regime: the fused kernels'
+per-tile decode made them 5x (int4) to 21x (VQ) slower than fp16 cuBLAS at M = 8192 on an H200, while decode +
+cuBLAS was 1.6x; bench/results/gpu/). Conv2d -> the decode followed by cuDNN.
 """
 import functools
 import importlib.util
@@ -85,12 +88,19 @@ def _vq_decode(layer, dtype):
 
 
 WEIGHT_ONLY_KERNELS = {"int_affine": (_affine_linear, _affine_decode), "vq": (_vq_linear, _vq_decode)}
+# rows (tokens x batch) up to which the fused GEMM runs; above, decode + cuBLAS (`python -m lowbit bench gpu`
+# measures both at every SDXL shape)
+FUSED_MAX_ROWS = {"int_affine": 64, "vq": 64}
 
 
 def linear(x, layer):
     kernels = WEIGHT_ONLY_KERNELS.get(layer.layout.name)
     if kernels is not None and kernels_usable(x):
-        y = kernels[0](_rows(x, layer.in_features), layer, _bias(layer, x))
+        x2 = _rows(x, layer.in_features)
+        if x2.shape[0] <= FUSED_MAX_ROWS[layer.layout.name]:
+            y = kernels[0](x2, layer, _bias(layer, x))
+        else:
+            y = F.linear(x2, kernels[1](layer, x.dtype), _bias(layer, x))
         return y.reshape(*x.shape[:-1], layer.out_features)
     return F.linear(x, layer.dequantize_weight(x.dtype), _bias(layer, x))
 

@@ -43,7 +43,7 @@ def _int8_gemm_kernel(xq_ptr, xsum_ptr, sx_ptr, zx_ptr, q_ptr, sw_ptr, zw_ptr, w
                          mask=row_ok[:, None] & (offs_k[None, :] < k_end), other=0)
             # entries past k_end read as code 0 (−W_OFFSET after the shift) but meet xq = 0
             wq = (load_packed_tile(q_ptr, row_bytes, offs_k, offs_n, k_end, N, BITS) - W_OFFSET).to(tl.int8)
-            acc = tl.dot(xq, wq, acc)
+            acc = tl.dot(xq, wq, acc, out_dtype=tl.int32)  # Triton 3.6 defaults out_dtype to fp32
         zx = tl.load(zx_ptr + offs_m * stride_zm + group * stride_zg, mask=row_ok, other=0).to(tl.int32)
         zx = zx - X_OFFSET
         sx = tl.load(sx_ptr + offs_m * stride_sm + group * stride_sg, mask=row_ok, other=0.0)

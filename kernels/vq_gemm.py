@@ -58,12 +58,24 @@ _vq_gemm_tuned = tuned_pair(_vq_gemm_kernel)
 
 @triton.jit
 def _vq_decode_kernel(codes_ptr, codebooks_ptr, scale_ptr, out_ptr, N, K, CIN, TAPS, NUM_BOOKS: tl.constexpr,
-                      G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
+    """Tile [BLOCK_N rows, BLOCK_GROUPS groups, G]: each codeword is one contiguous G-vector load (16 bytes for
+    g = 8 in fp16) and each row's output a contiguous run, so the decode streams at memory speed."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = vq_weight_tile(codes_ptr, codebooks_ptr, offs_k, offs_n, K, N, NUM_BOOKS, G, BLOCK_K, BLOCK_N)
+    offs_g = tl.program_id(1) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
+    lane = tl.arange(0, G)
+    n_groups = K // G
+    mask = (offs_n[:, None] < N) & (offs_g[None, :] < n_groups)
+    code_at = offs_n[:, None].to(tl.int64) * (n_groups * NUM_BOOKS) + offs_g[None, :] * NUM_BOOKS
+    w = tl.zeros((BLOCK_N, BLOCK_GROUPS, G), dtype=tl.float32)
+    for m in tl.static_range(NUM_BOOKS):
+        code = tl.load(codes_ptr + code_at + m, mask=mask, other=0).to(tl.int32)
+        w += tl.load(codebooks_ptr + ((m * 256 + code) * G)[:, :, None] + lane[None, None, :]).to(tl.float32)
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    store_dense_weight(out_ptr, w * scale[None, :], offs_k, offs_n, K, N, CIN, TAPS)
+    w = w * scale[:, None, None]
+    k = offs_g[None, :, None] * G + lane[None, None, :]  # matrix-view column: tap-major, input channel fastest
+    dest = offs_n[:, None, None].to(tl.int64) * K + (k % CIN) * TAPS + k // CIN
+    tl.store(out_ptr + dest, w.to(out_ptr.dtype.element_ty), mask=mask[:, :, None])
 
 
 def _book_meta(codebooks):
@@ -77,12 +89,13 @@ def vq_linear(x2, codes, codebooks, scales, bias=None, config=None):
                               _book_meta(codebooks), scales.reshape(-1), bias, config)
 
 
-def vq_decode(codes, codebooks, scales, weight_shape, dtype, block_n=32, block_k=128):
+def vq_decode(codes, codebooks, scales, weight_shape, dtype, block_n=16, block_groups=32):
     """Dense scaled weight of logical shape weight_shape ([N, K] or [N, in, kh, kw]) in dtype."""
     n_out, cin = weight_shape[0], weight_shape[1]
-    K = codes.shape[1] * codebooks.shape[2]
+    n_groups = codes.shape[1]
+    K = n_groups * codebooks.shape[2]
     out = torch.empty(weight_shape, device=codes.device, dtype=dtype)
-    grid = (triton.cdiv(n_out, block_n), triton.cdiv(K, block_k))
+    grid = (triton.cdiv(n_out, block_n), triton.cdiv(n_groups, block_groups))
     _vq_decode_kernel[grid](codes, codebooks, scales, out, n_out, K, cin, K // cin, **_book_meta(codebooks),
-                            BLOCK_N=block_n, BLOCK_K=block_k)
+                            BLOCK_N=block_n, BLOCK_GROUPS=block_groups)
     return out
