@@ -10,6 +10,8 @@ BENCHMARKS = {
     "sqnr": "codec SQNR on an iid Gaussian matrix (VQ, RTN)",
     "quality": "methods on the trained testbed: PSNR, Frechet, alignment vs fp",
     "qdiff": "QDiffBench-style fidelity of PCR calibration variants on the testbed",
+    "gpu": "everything a GPU should tell: kernel correctness, UNet s/step and VRAM per format, LoRA cost, "
+           "kernel timings vs fp16 (--dry-run on CPU)",
     "lowvram": "SDXL load-and-generate under 4/6/8 GiB VRAM caps: fp16 vs VQ3 vs W4A8 (--dry-run on CPU)",
 }
 

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (launch_weight_only, load_packed_tile, split_k_range, store_dense_weight, swizzled_tile,
-                    tuned_pair, weight_only_epilogue)
+from .tiles import (INTERPRETER_DECODE_BLOCKS, interpreting, launch_weight_only, load_packed_tile, split_k_range,
+                    store_dense_weight, swizzled_tile, tuned_pair, weight_only_epilogue)
 
 
 @triton.jit
@@ -71,8 +71,10 @@ def affine_linear(x2, qweight, scale, zero, bits, group_size, bias=None, config=
                               None, bias, config)
 
 
-def affine_decode(qweight, scale, zero, bits, group_size, weight_shape, dtype, block_n=32, block_k=128):
+def affine_decode(qweight, scale, zero, bits, group_size, weight_shape, dtype, block_n=None, block_k=None):
     """Dense weight of logical shape weight_shape ([N, K] or [N, in, kh, kw]) in dtype."""
+    default = INTERPRETER_DECODE_BLOCKS if interpreting() else (32, 128)
+    block_n, block_k = block_n or default[0], block_k or default[1]
     n_out, cin = weight_shape[0], weight_shape[1]
     K = qweight.shape[1] * 8 // bits
     out = torch.empty(weight_shape, device=qweight.device, dtype=dtype)

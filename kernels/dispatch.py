@@ -1,11 +1,23 @@
 """The one place where a quantized layer's forward picks its implementation.
 
-Triton kernels run when the input is a CUDA tensor of a dtype they take (fp16/bf16 for the weight-only
-kernels, also fp32 for the integer path), the GPU is sm_80 or newer, Triton is importable, and the
-reference is not forced (`force_reference(True)` or the environment variable LOWBIT_FORCE_REFERENCE=1).
+Triton kernels run when the input is a CUDA tensor, Triton is importable, the reference is not forced
+(`force_reference(True)` or the environment variable LOWBIT_FORCE_REFERENCE=1), and `kernel_dtypes` allows the
+input's dtype on the GPU's compute capability:
+
+    input dtypes served by kernels   sm_80 and newer (A100, RTX 30/40, H100)   sm_75 (RTX 20, T4)   older
+    weight-only (int_affine, vq)     fp16, bf16                              fp16                 none
+    integer activations (W8A8/W4A8)  fp16, bf16, fp32                        none                 none
+
+This follows the compile matrix (kernels/targets.py, tests/test_kernel_targets.py). On sm_75, Triton cannot
+lower the int8 tl.dot (its matmul pass fails), so the integer path runs the twins there. The weight-only
+kernels compile for both fp16 and bf16 on sm_75, but Turing has no bf16 tensor cores, so bf16 stays on the
+reference. The sm_75 kernels have only been compiled, never run: no Turing GPU was at hand to check them
+against the twins.
 Otherwise the torch reference runs: for weight-only layouts the layout's own dequantize followed by
 F.linear / F.conv2d in the input's dtype; for integer-activation layers the kernels' twins
-(lowbit.kernels.twins), which compute the same integers exactly. CPU tensors never reach Triton.
+(lowbit.kernels.twins), which compute the same integers exactly. CPU tensors never reach Triton. A kernel that
+fails to compile or launch on the user's machine logs one warning, and the reference runs for that call and
+every later call of that kernel on that device and dtype (`_kernel_or_reference`).
 
 Weight-only kernels per layout: Linear with at most FUSED_MAX_ROWS[layout] input rows -> the fused
 dequantize-and-multiply GEMM (memory-bound regime: it reads only the packed weight); more rows -> a Triton
@@ -15,6 +27,7 @@ cuBLAS was 1.6x; bench/results/gpu/). Conv2d -> the decode followed by cuDNN.
 """
 import functools
 import importlib.util
+import logging
 import os
 import weakref
 from dataclasses import dataclass
@@ -40,16 +53,54 @@ def reference_forced() -> bool:
     return _force_reference
 
 
+def kernel_dtypes(capability, dtypes=WEIGHT_ONLY_DTYPES) -> tuple:
+    """The activation dtypes of a launch path (WEIGHT_ONLY_DTYPES or INT8_PATH_DTYPES) whose kernels run on a
+    GPU of this compute capability (table in the module docstring)."""
+    if tuple(capability) >= (8, 0):
+        return tuple(dtypes)
+    if tuple(capability) >= (7, 5) and tuple(dtypes) == WEIGHT_ONLY_DTYPES:
+        return (torch.float16,)
+    return ()
+
+
 @functools.lru_cache(maxsize=None)
-def _device_supported(device_index: int) -> bool:
+def _device_supported(device_index: int, dtype: torch.dtype, dtypes=WEIGHT_ONLY_DTYPES) -> bool:
     return (importlib.util.find_spec("triton") is not None
-            and torch.cuda.get_device_capability(device_index) >= (8, 0))
+            and dtype in kernel_dtypes(torch.cuda.get_device_capability(device_index), dtypes))
 
 
 def kernels_usable(x: torch.Tensor, dtypes=WEIGHT_ONLY_DTYPES) -> bool:
-    """Whether a Triton kernel may run on input x (see the module docstring)."""
+    """Whether the Triton kernels of the launch path taking `dtypes` may run on input x (module docstring).
+    Tests and the bench dry run replace this function to send CPU tensors down the kernel paths."""
     return (not _force_reference and x.is_cuda and x.dtype in dtypes
-            and _device_supported(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+            and _device_supported(x.device.index if x.device.index is not None else torch.cuda.current_device(),
+                                  x.dtype, dtypes))
+
+
+# ---- kernel failures: one warning, then the torch reference ------------------------------------------------
+
+# {(kernel, device, dtype): "ErrorType: message"} of the kernels that failed to compile or launch there; they are
+# not tried again, so a broken kernel costs one warning and no recompilation on every forward
+_failed_kernels: dict = {}
+
+
+def _kernel_or_reference(name: str, device, dtype, kernel, reference):
+    """kernel() where `name` has not failed on this device and dtype, else reference(). The first failure
+    (Triton's CompilationError or OutOfResources, a ptxas or driver error...) is remembered and logged once:
+    a kernel Triton cannot build for the user's GPU costs speed, never the workflow."""
+    key = (name, str(device), dtype)
+    if key not in _failed_kernels:
+        try:
+            return kernel()
+        except torch.cuda.OutOfMemoryError:
+            raise  # memory pressure is the host's to handle (ComfyUI offloads and retries), not a kernel fault
+        except Exception as e:
+            lines = str(e).strip().splitlines()
+            _failed_kernels[key] = f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+            logging.warning("LowBit: Triton kernel %s failed on %s for %s input (%s); the torch reference runs "
+                            "instead for this kernel from now on (same results, slower)",
+                            name, device, str(dtype).replace("torch.", ""), _failed_kernels[key])
+    return reference()
 
 
 def _bias(layer, x):
@@ -87,7 +138,25 @@ def _vq_decode(layer, dtype):
     return vq_decode(layer.codes, layer.codebooks, layer.scales, layer.weight_shape, dtype)
 
 
-WEIGHT_ONLY_KERNELS = {"int_affine": (_affine_linear, _affine_decode), "vq": (_vq_linear, _vq_decode)}
+def _guarded_linear(name, fused):
+    """fused(x2, layer, bias) with the layout's dequantize + F.linear as the fallback."""
+    def run(x2, layer, bias):
+        return _kernel_or_reference(name, x2.device, x2.dtype, lambda: fused(x2, layer, bias),
+                                    lambda: F.linear(x2, layer.dequantize_weight(x2.dtype), bias))
+    return run
+
+
+def _guarded_decode(name, decode):
+    """decode(layer, dtype) with the layout's dequantize as the fallback."""
+    def run(layer, dtype):
+        return _kernel_or_reference(name, layer.weight.device, dtype, lambda: decode(layer, dtype),
+                                    lambda: layer.dequantize_weight(dtype))
+    return run
+
+
+WEIGHT_ONLY_KERNELS = {
+    "int_affine": (_guarded_linear("affine_linear", _affine_linear), _guarded_decode("affine_decode", _affine_decode)),
+    "vq": (_guarded_linear("vq_linear", _vq_linear), _guarded_decode("vq_decode", _vq_decode))}
 # rows (tokens x batch) up to which the fused GEMM runs; above, decode + cuBLAS (`python -m lowbit bench gpu`
 # measures both at every SDXL shape)
 FUSED_MAX_ROWS = {"int_affine": 64, "vq": 64}
@@ -154,27 +223,41 @@ def _weight_sums(layer, group_k):
     return per_layer[key]
 
 
-def _int8_matmul(x2, layer, act: ActivationQuant, bias, out_dtype):
-    p = layer.params
-    if layer.layout.name != "int_affine" or p["group_size"] != 0:
-        raise ValueError(f"integer activations need int_affine weights with one group per output channel "
-                         f"(group_size 0); got {layer.layout.name} {p}")
-    use_kernels = kernels_usable(x2, INT8_PATH_DTYPES)
-    if use_kernels:
-        from . import act_quant as quantizer
-    else:
-        quantizer = twins
+def _quantize_input(quantizer, x2, act: ActivationQuant):
+    """(xq, xsum, x_scale, x_zero) by act_quant (kernels) or twins (reference)."""
     if act.scale is None:
         xq, xsum, x_scale, x_zero = quantizer.quantize_dynamic_rows(x2, act.bits, act.perm)
     else:
         xq, xsum = quantizer.quantize_static(x2, act.scale, act.zero, act.bits, act.group_k, act.perm)
         x_scale, x_zero = act.scale, act.zero
-    if not use_kernels:
-        return twins.int8_linear(xq, x_scale, x_zero, layer.qweight, layer.scale, layer.zero, p["bits"],
-                                 act.group_k, bias, out_dtype)
+    return xq, xsum, x_scale, x_zero
+
+
+def _int8_by_kernels(x2, layer, act, bias, out_dtype):
+    from . import act_quant
     from .int8_gemm import int8_linear
+    xq, xsum, x_scale, x_zero = _quantize_input(act_quant, x2, act)
     return int8_linear(xq, xsum, x_scale, x_zero, layer.qweight, layer.scale, layer.zero,
-                       _weight_sums(layer, act.group_k), p["bits"], act.group_k, bias, out_dtype)
+                       _weight_sums(layer, act.group_k), layer.params["bits"], act.group_k, bias, out_dtype)
+
+
+def _int8_by_twins(x2, layer, act, bias, out_dtype):
+    xq, _, x_scale, x_zero = _quantize_input(twins, x2, act)
+    return twins.int8_linear(xq, x_scale, x_zero, layer.qweight, layer.scale, layer.zero, layer.params["bits"],
+                             act.group_k, bias, out_dtype)
+
+
+def _int8_matmul(x2, layer, act: ActivationQuant, bias, out_dtype):
+    p = layer.params
+    if layer.layout.name != "int_affine" or p["group_size"] != 0:
+        raise ValueError(f"integer activations need int_affine weights with one group per output channel "
+                         f"(group_size 0); got {layer.layout.name} {p}")
+    if not kernels_usable(x2, INT8_PATH_DTYPES):
+        return _int8_by_twins(x2, layer, act, bias, out_dtype)
+    # activation quantization and GEMM fail over together: the twins' codes feed only the twin GEMM
+    return _kernel_or_reference("act_quant + int8_gemm", x2.device, x2.dtype,
+                                lambda: _int8_by_kernels(x2, layer, act, bias, out_dtype),
+                                lambda: _int8_by_twins(x2, layer, act, bias, out_dtype))
 
 
 def int8_linear(x, layer, act: ActivationQuant):

@@ -3,6 +3,8 @@
 Only the language subset that behaves the same on Triton 3.6 (GPU machines) and 3.9 (here, under
 TRITON_INTERPRET=1) is used: tl.load/store with masks, tl.where, tl.arange, tl.dot, tl.program_id.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -100,12 +102,22 @@ LARGE_M_CONFIGS = [_config(128, 128, 32, 4, 4), _config(128, 128, 64, 8, 3), _co
 SMALL_M_CONFIGS = [_config(16, 64, 128, 4, 4), _config(16, 128, 64, 4, 4), _config(32, 64, 64, 4, 4),
                    _config(32, 128, 128, 4, 3), _config(16, 256, 64, 8, 3)]
 TUNING_KEY = ["M", "N", "K", "SPLIT_K"]
+# a layout's constexprs join the key when the kernel has them: a tile that suits 2 codebooks need not suit 4
+LAYOUT_TUNING_KEY = ["NUM_BOOKS", "BITS"]
+
+
+def quick_bench(kernel_call, quantiles):
+    """Autotuning benchmark: 5 ms warm-up and 20 ms of timed calls per candidate instead of Triton's 25 + 100,
+    so that a UNet's first step tunes its ~30 GEMM shapes in seconds (the candidates differ by far more than
+    the noise left at this length)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 def tuned_pair(kernel):
     """(small-M autotuner, large-M autotuner) of one weight-only GEMM kernel."""
-    return (triton.autotune(SMALL_M_CONFIGS, key=TUNING_KEY)(kernel),
-            triton.autotune(LARGE_M_CONFIGS, key=TUNING_KEY)(kernel))
+    key = TUNING_KEY + [name for name in LAYOUT_TUNING_KEY if name in kernel.arg_names]
+    return (triton.autotune(SMALL_M_CONFIGS, key=key, do_bench=quick_bench)(kernel),
+            triton.autotune(LARGE_M_CONFIGS, key=key, do_bench=quick_bench)(kernel))
 
 
 def choose_split_k(M, N, K, device):
@@ -121,6 +133,17 @@ def choose_split_k(M, N, K, device):
     return split
 
 
+def interpreting() -> bool:
+    """Whether kernels run under the Triton interpreter (CPU), which cannot time autotuning candidates: the
+    launchers then use INTERPRETER_CONFIG."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# the interpreter executes each program instance as numpy steps: few, large tiles keep it fast
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}
+INTERPRETER_DECODE_BLOCKS = (64, 64)  # (rows, K-columns or VQ groups) per decode program
+
+
 def launch_weight_only(kernel, tuned, x2, n_out, layout_args, layout_meta, scale, bias, config=None):
     """y[M, N] = (x2 @ Ŵᵀ) * scale[n] + bias[n] with one of the weight-only kernels.
 
@@ -130,6 +153,8 @@ def launch_weight_only(kernel, tuned, x2, n_out, layout_args, layout_meta, scale
     checks use it.
     """
     M, K = x2.shape
+    if config is None and interpreting():
+        config = {**INTERPRETER_CONFIG, "SPLIT_K": 1}
     split = config["SPLIT_K"] if config else choose_split_k(M, n_out, K, x2.device)
     if split == 1:
         out = torch.empty(M, n_out, device=x2.device, dtype=x2.dtype)

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (launch_weight_only, split_k_range, store_dense_weight, swizzled_tile, tuned_pair,
-                    weight_only_epilogue)
+from .tiles import (INTERPRETER_DECODE_BLOCKS, interpreting, launch_weight_only, split_k_range, store_dense_weight,
+                    swizzled_tile, tuned_pair, weight_only_epilogue)
 
 
 @triton.jit
@@ -89,8 +89,10 @@ def vq_linear(x2, codes, codebooks, scales, bias=None, config=None):
                               _book_meta(codebooks), scales.reshape(-1), bias, config)
 
 
-def vq_decode(codes, codebooks, scales, weight_shape, dtype, block_n=16, block_groups=32):
+def vq_decode(codes, codebooks, scales, weight_shape, dtype, block_n=None, block_groups=None):
     """Dense scaled weight of logical shape weight_shape ([N, K] or [N, in, kh, kw]) in dtype."""
+    default = INTERPRETER_DECODE_BLOCKS if interpreting() else (16, 32)
+    block_n, block_groups = block_n or default[0], block_groups or default[1]
     n_out, cin = weight_shape[0], weight_shape[1]
     n_groups = codes.shape[1]
     K = n_groups * codebooks.shape[2]

@@ -90,8 +90,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except LowBitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0

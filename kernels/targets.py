@@ -1,0 +1,275 @@
+"""Compile every Triton kernel of the pack for the GPU generations users have, on any machine (no GPU needed).
+
+Triton compiles ahead of time for a named target (`triton.compile(ASTSource(...), target=GPUTarget(...))`,
+same API on Triton 3.6 and 3.9), down to the cubin with the ptxas bundled in its wheel. From the result we read
+the shared memory the kernel asks for at launch (`metadata.shared`, what Triton compares with the device's
+per-block limit) and, with the bundled cuobjdump, the registers, stack (spills) and static shared memory ptxas
+assigned. `n_regs` on a CompiledKernel is only filled in when the binary is loaded on a GPU, hence cuobjdump.
+
+`cases()` lists each kernel with each tile configuration it can launch with (the autotune lists in tiles.py and
+int8_gemm.py, the fixed tiles of the other launchers) and representative constexpr values; `compile_matrix()`
+compiles them for TARGETS in worker processes and returns one row per (case, target).
+`python -m lowbit.kernels.targets` prints the matrix. tests/test_kernel_targets.py checks it.
+"""
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+from . import tiles
+
+# compute capability -> what users call it
+TARGETS = {(7, 5): "sm_75 RTX 20", (8, 0): "sm_80 A100", (8, 6): "sm_86 RTX 30", (8, 9): "sm_89 RTX 40",
+           (9, 0): "sm_90 H100"}
+
+_TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel compiled with one tile configuration and one set of constexprs."""
+    module: str          # module of lowbit.kernels holding the kernel
+    kernel: str          # name of the @triton.jit function
+    path: str            # dispatch path that launches it: "weight_only" or "int8"
+    dtype: str           # activation dtype the launch serves ("float16", "bfloat16", "float32")
+    config: str          # tile label
+    variant: str         # constexpr label
+    pointers: tuple      # ((argument, triton element type), ...); other non-constexpr arguments are i32
+    constexprs: tuple    # ((argument, value), ...)
+    num_warps: int = 4
+    num_stages: int = 3  # Triton's default for launches without an explicit config
+
+    @property
+    def label(self):
+        return f"{self.kernel} [{self.config}] {self.variant}"
+
+
+def config_label(config) -> str:
+    """'BMxBNxBK wW sS' of a triton.Config with BLOCK_M/N/K (tiles._config)."""
+    k = config.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+
+
+def _tiled(config, **constexprs):
+    """Constexprs and launch options of an autotune config merged with the case's constexprs."""
+    return dict(config=config_label(config), constexprs=tuple({**config.kwargs, **constexprs}.items()),
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _weight_only_gemm_cases():
+    # The dispatcher runs the fused GEMMs for small M only (SMALL_M_CONFIGS, split-K > 1 writes fp32 partials);
+    # the large-M family is reachable from the kernels' Python API, so it must compile too.
+    out = []
+    for family, configs in (("small", tiles.SMALL_M_CONFIGS), ("large", tiles.LARGE_M_CONFIGS)):
+        for config in configs:
+            for dtype, split, bits, books in (("float16", 1, 4, 4),
+                                              ("bfloat16", 4 if family == "small" else 1, 3, 3)):
+                x, y = _TORCH_TO_TRITON[dtype], "fp32" if split > 1 else _TORCH_TO_TRITON[dtype]
+                common = dict(x_ptr=x, y_ptr=y, scale_ptr=x, bias_ptr=x)
+                out.append(Case("affine_gemm", "_affine_gemm_kernel", "weight_only", dtype,
+                                variant=f"{x} bits{bits} split{split}",
+                                pointers=tuple({**common, "q_ptr": "u8", "wscale_ptr": "fp16",
+                                                "wzero_ptr": "u8"}.items()),
+                                **_tiled(config, BITS=bits, HAS_SCALE=False, HAS_BIAS=True, SPLIT_K=split)))
+                out.append(Case("vq_gemm", "_vq_gemm_kernel", "weight_only", dtype,
+                                variant=f"{x} books{books} split{split}",
+                                pointers=tuple({**common, "scale_ptr": "fp16", "codes_ptr": "u8",
+                                                "codebooks_ptr": "fp16"}.items()),
+                                **_tiled(config, NUM_BOOKS=books, G=8, HAS_SCALE=True, HAS_BIAS=True,
+                                         SPLIT_K=split)))
+    return out
+
+
+def _int8_cases():
+    from .int8_gemm import _INT8_CONFIGS
+    from .twins import weight_offset
+    out = []
+    for config in _INT8_CONFIGS:
+        for dtype, bits in (("float16", 8), ("float32", 4)):
+            y = _TORCH_TO_TRITON[dtype]
+            out.append(Case("int8_gemm", "_int8_gemm_kernel", "int8", dtype, variant=f"{y} out, w{bits}a8",
+                            pointers=(("xq_ptr", "i8"), ("xsum_ptr", "i32"), ("sx_ptr", "fp32"), ("zx_ptr", "i32"),
+                                      ("q_ptr", "u8"), ("sw_ptr", "fp16"), ("zw_ptr", "u8"), ("wsum_ptr", "i32"),
+                                      ("bias_ptr", y), ("y_ptr", y)),
+                            **_tiled(config, BITS=bits, W_OFFSET=weight_offset(bits), HAS_BIAS=True)))
+    return out
+
+
+def _fixed_tile_cases():
+    """Kernels launched with fixed tiles (the defaults of their Python launchers)."""
+    out = []
+    for dtype, perm in (("float16", False), ("bfloat16", True), ("float32", True)):
+        x = _TORCH_TO_TRITON[dtype]
+        perm_ptr = "i32" if perm else x  # without a permutation the launcher passes x as a dummy
+        meta = dict(config="32x128 w4 s3", variant=f"{x} perm={perm}",
+                    constexprs=(("QMAX", 255), ("HAS_PERM", perm), ("BLOCK_M", 32), ("BLOCK_K", 128)))
+        out.append(Case("act_quant", "_quantize_static_kernel", "int8", dtype, **meta,
+                        pointers=(("x_ptr", x), ("perm_ptr", perm_ptr), ("scale_ptr", "fp32"), ("zero_ptr", "i32"),
+                                  ("xq_ptr", "i8"), ("xsum_ptr", "i32"))))
+        out.append(Case("act_quant", "_quantize_dynamic_rows_kernel", "int8", dtype, **meta,
+                        pointers=(("x_ptr", x), ("perm_ptr", perm_ptr), ("xq_ptr", "i8"), ("xsum_ptr", "i32"),
+                                  ("scale_ptr", "fp32"), ("zero_ptr", "i32"))))
+    for dtype, bits, books in (("float16", 4, 4), ("bfloat16", 3, 2)):
+        x = _TORCH_TO_TRITON[dtype]
+        out.append(Case("affine_gemm", "_affine_decode_kernel", "weight_only", dtype, config="32x128 w4 s3",
+                        variant=f"{x} bits{bits}",
+                        pointers=(("q_ptr", "u8"), ("scale_ptr", "fp16"), ("zero_ptr", "u8"), ("out_ptr", x)),
+                        constexprs=(("BITS", bits), ("BLOCK_N", 32), ("BLOCK_K", 128))))
+        out.append(Case("vq_gemm", "_vq_decode_kernel", "weight_only", dtype, config="16x32 w4 s3",
+                        variant=f"{x} books{books}",
+                        pointers=(("codes_ptr", "u8"), ("codebooks_ptr", "fp16"), ("scale_ptr", "fp16"),
+                                  ("out_ptr", x)),
+                        constexprs=(("NUM_BOOKS", books), ("G", 8), ("BLOCK_N", 16), ("BLOCK_GROUPS", 32))))
+    return out
+
+
+def cases():
+    return _weight_only_gemm_cases() + _int8_cases() + _fixed_tile_cases()
+
+
+# ---- compiling one case --------------------------------------------------------------------------------------
+
+def _source(fn, case):
+    import triton
+    constexprs = dict(case.constexprs)
+    pointers = dict(case.pointers)
+    unknown = (set(constexprs) | set(pointers)) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"{case.kernel} has no arguments {sorted(unknown)} (kernel signature changed?)")
+    signature = {name: "constexpr" if name in constexprs else "*" + pointers[name] if name in pointers else "i32"
+                 for name in fn.arg_names}
+    # torch allocations are 16-byte aligned and Triton's launcher tells the compiler so; without the hint the
+    # loads would not vectorize and the register counts would not be the ones users get
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in pointers}
+    try:
+        return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    except TypeError:  # Triton before 3.2 named it `constants`
+        return triton.compiler.ASTSource(fn=fn, signature=signature, constants=constexprs, attrs=attrs)
+
+
+def _cuobjdump():
+    import triton
+    try:
+        from triton import knobs  # Triton >= 3.4
+        return knobs.nvidia.cuobjdump.path
+    except Exception:
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return path if os.path.exists(path) else None
+
+
+def _resource_usage(cubin: bytes, kernel: str) -> dict:
+    """{'regs', 'stack', 'static_shared'} of `kernel` in a cubin, from `cuobjdump -res-usage`; {} without it."""
+    tool = _cuobjdump()
+    if not tool:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return {}
+    match = re.search(rf"Function {re.escape(kernel)}:\s*REG:(\d+) STACK:(\d+) SHARED:(\d+)", text)
+    return {} if not match else dict(zip(("regs", "stack", "static_shared"), map(int, match.groups())))
+
+
+def _first_error_line(text: str) -> str:
+    """The MLIR diagnostic that explains a failed pass pipeline (the exception itself only says it failed)."""
+    for line in text.splitlines():
+        if "error:" in line:
+            return line.split("error:", 1)[1].strip()[:200]
+    return ""
+
+
+def compile_case(case: Case, capability) -> dict:
+    """Compile one case for one compute capability: a row of the matrix. 'error' is set when it fails."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    fn = getattr(importlib.import_module(f"{__package__}.{case.module}"), case.kernel)
+    start = time.perf_counter()
+    row = {"kernel": case.kernel, "config": case.config, "variant": case.variant, "path": case.path,
+           "dtype": case.dtype, "target": "sm_%d%d" % tuple(capability), "error": None}
+    # the MLIR diagnostics of a failed pipeline go to fd 2, not into the exception: keep them
+    with tempfile.TemporaryFile(mode="w+") as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            compiled = triton.compile(_source(fn, case), target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
+                                      options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+        except Exception as e:
+            os.dup2(saved, 2)
+            log.seek(0)
+            detail = _first_error_line(log.read()) or str(e).strip().splitlines()[-1][:200]
+            row["error"] = f"{type(e).__name__}: {detail}"
+            return row
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    row["shared"] = compiled.metadata.shared
+    row.update(_resource_usage(compiled.asm["cubin"], case.kernel))
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _compile_job(job):
+    case, capability = job
+    return compile_case(case, capability)
+
+
+def _quiet_worker():
+    # Triton 3.9 warns once per process that its fp-fusion default will change; the kernels rely on the
+    # default (fusion on) on 3.6 and 3.9 alike
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def compile_matrix(case_list=None, targets=TARGETS, workers=None) -> list:
+    """Rows of compile_case for every case x target, compiled in parallel worker processes (spawned: a fresh
+    interpreter, whatever the parent has imported). Triton's on-disk cache makes a second run fast."""
+    jobs = [(case, cap) for case in (case_list if case_list is not None else cases()) for cap in targets]
+    workers = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    import multiprocessing
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_quiet_worker) as pool:
+        return list(pool.map(_compile_job, jobs, chunksize=4))
+
+
+def format_matrix(rows) -> str:
+    """One line per case: shared KiB / registers (+stack bytes when ptxas spilled) per target, or the error."""
+    targets = sorted({r["target"] for r in rows})
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["kernel"], r["config"], r["variant"]), {})[r["target"]] = r
+    width = max(len(f"{k} [{c}] {v}") for k, c, v in by_case)
+    lines = [f"{'kernel [tiles] constexprs':{width}}  " + "  ".join(f"{t:>13}" for t in targets),
+             f"{'':{width}}  " + "  ".join(f"{'smemKiB/regs':>13}" for _ in targets)]
+    for (k, c, v), per_target in by_case.items():
+        cells = []
+        for t in targets:
+            r = per_target.get(t)
+            if r is None:
+                cells.append(f"{'-':>13}")
+            elif r["error"]:
+                cells.append(f"{'FAILS':>13}")
+            else:
+                cell = f"{r['shared'] / 1024:g}/{r.get('regs', '?')}"
+                if r.get("stack"):
+                    cell += f"+{r['stack']}s"
+                if r.get("pruned"):
+                    cell = "pruned " + cell
+                cells.append(f"{cell:>13}")
+        lines.append(f"{f'{k} [{c}] {v}':{width}}  " + "  ".join(cells))
+    errors = {(r["kernel"], r["target"], r["error"]) for r in rows if r["error"]}
+    lines += [f"FAILS: {k} on {t}: {e}" for k, t, e in sorted(errors)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    matrix = compile_matrix()
+    print(format_matrix(matrix))
+    print(f"{len(matrix)} compilations in {time.perf_counter() - start:.0f} s", file=sys.stderr)
