@@ -20,10 +20,11 @@ fails to compile or launch on the user's machine logs one warning, and the refer
 every later call of that kernel on that device and dtype (`_kernel_or_reference`).
 
 Weight-only kernels per layout: Linear with at most FUSED_MAX_ROWS[layout] input rows -> the fused
-dequantize-and-multiply GEMM (memory-bound regime: it reads only the packed weight); more rows -> a Triton
-decode of the dense weight into scratch followed by cuBLAS (compute-bound regime: the fused kernels'
-per-tile decode made them 5x (int4) to 21x (VQ) slower than fp16 cuBLAS at M = 8192 on an H200, while decode +
-cuBLAS was 1.6x; bench/results/gpu/). Conv2d -> the decode followed by cuDNN.
+dequantize-and-multiply GEMM (meant for the memory-bound regime: it reads only the packed weight); more rows
+-> a Triton decode of the dense weight into scratch followed by cuBLAS. Measured on an H200 (`python -m lowbit
+bench gpu`, bench/results/gpu/): the fused GEMMs' per-tile decode made them 4-12x slower than fp16 cuBLAS at
+M = 16 and 5-24x at M >= 2048, decode + cuBLAS 1.2-4x, so decode + cuBLAS runs everywhere for now.
+Conv2d -> the decode followed by cuDNN.
 """
 import functools
 import importlib.util
@@ -159,7 +160,9 @@ WEIGHT_ONLY_KERNELS = {
     "vq": (_guarded_linear("vq_linear", _vq_linear), _guarded_decode("vq_decode", _vq_decode))}
 # rows (tokens x batch) up to which the fused GEMM runs; above, decode + cuBLAS (`python -m lowbit bench gpu`
 # measures both at every SDXL shape)
-FUSED_MAX_ROWS = {"int_affine": 64, "vq": 64}
+# (0: decode + cuBLAS always: on an H200 it beat the fused GEMMs at every measured shape, M = 16 to 8192,
+# bench/results/gpu/NVIDIA_H200_2026-12-04.json; M = 1 is not measured yet)
+FUSED_MAX_ROWS = {"int_affine": 0, "vq": 0}
 
 
 def linear(x, layer):

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import INTERPRETER_CONFIG, interpreting, load_packed_tile, quick_bench, swizzled_tile
+from .tiles import (INTERPRETER_CONFIG, interpreting, load_packed_tile, quick_bench, shared_memory_prune,
+                    swizzled_tile)
 from .twins import ACT_OFFSET, weight_offset
 
 MAX_GROUP_K = 33025
@@ -69,8 +70,9 @@ def _config(bm, bn, bk, warps, stages):
 _INT8_CONFIGS = [_config(128, 128, 64, 4, 4), _config(128, 256, 64, 8, 3), _config(256, 128, 64, 8, 3),
                  _config(64, 128, 128, 4, 4), _config(128, 64, 128, 4, 4), _config(32, 128, 128, 4, 4),
                  _config(16, 128, 256, 4, 3), _config(16, 64, 256, 4, 4)]
-_int8_gemm_tuned = triton.autotune(_INT8_CONFIGS, key=["M", "N", "K", "group_k", "BITS"],
-                                   do_bench=quick_bench)(_int8_gemm_kernel)
+_int8_gemm_tuned = triton.autotune(_INT8_CONFIGS, key=["M", "N", "K", "group_k", "BITS"], do_bench=quick_bench,
+                                   prune_configs_by={"early_config_prune": shared_memory_prune("xq_ptr", 1)}
+                                   )(_int8_gemm_kernel)
 
 
 def int8_linear(xq, xsum, x_scale, x_zero, qweight, w_scale, w_zero, wsum, bits, group_k=0, bias=None,

@@ -1,17 +1,20 @@
 """Compile every Triton kernel of the pack for the GPU generations users have, on any machine (no GPU needed).
 
-Triton compiles ahead of time for a named target (`triton.compile(ASTSource(...), target=GPUTarget(...))`,
-same API on Triton 3.6 and 3.9), down to the cubin with the ptxas bundled in its wheel. From the result we read
-the shared memory the kernel asks for at launch (`metadata.shared`, what Triton compares with the device's
-per-block limit) and, with the bundled cuobjdump, the registers, stack (spills) and static shared memory ptxas
-assigned. `n_regs` on a CompiledKernel is only filled in when the binary is loaded on a GPU, hence cuobjdump.
+Triton compiles ahead of time for a named target: `triton.compile(ASTSource(fn, signature, constexprs, attrs),
+target=GPUTarget("cuda", 75, 32), options=...)`, the same API on Triton 3.6 (GPU machines) and 3.9 (here). It
+goes down to the cubin with the ptxas bundled in Triton's wheel, so ptxas errors show up too. From the result we
+read the shared memory the kernel asks for at launch (`metadata.shared`, which Triton checks against the
+device's per-block limit). The bundled cuobjdump gives the registers, stack (spills) and static shared memory
+ptxas assigned. `CompiledKernel.n_regs` is only filled in once the binary is loaded on a GPU, so we use
+cuobjdump.
 
-`cases()` lists each kernel with each tile configuration it can launch with (the autotune lists in tiles.py and
-int8_gemm.py, the fixed tiles of the other launchers) and representative constexpr values; `compile_matrix()`
-compiles them for TARGETS in worker processes and returns one row per (case, target).
-`python -m lowbit.kernels.targets` prints the matrix. tests/test_kernel_targets.py checks it.
+`cases()` lists each kernel with each tile configuration it can launch with: the autotune lists in tiles.py and
+int8_gemm.py, and the fixed tiles of the other launchers, each with representative constexprs.
+`compile_matrix()` compiles them for TARGETS in worker processes and returns one row per (case, target).
+`python -m lowbit.kernels.targets` prints the matrix; tests/test_kernel_targets.py checks it.
 """
 import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -23,11 +26,10 @@ from dataclasses import dataclass
 
 from . import tiles
 
-# compute capability -> what users call it
-TARGETS = {(7, 5): "sm_75 RTX 20", (8, 0): "sm_80 A100", (8, 6): "sm_86 RTX 30", (8, 9): "sm_89 RTX 40",
-           (9, 0): "sm_90 H100"}
+# compute capability -> the cards users have
+TARGETS = {(7, 5): "RTX 20 / T4", (8, 0): "A100", (8, 6): "RTX 30", (8, 9): "RTX 40", (9, 0): "H100 / H200"}
 
-_TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+_TRITON_TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,11 @@ class Case:
     dtype: str           # activation dtype the launch serves ("float16", "bfloat16", "float32")
     config: str          # tile label
     variant: str         # constexpr label
-    pointers: tuple      # ((argument, triton element type), ...); other non-constexpr arguments are i32
+    pointers: tuple      # ((argument, Triton element type), ...); the other non-constexpr arguments are i32
     constexprs: tuple    # ((argument, value), ...)
     num_warps: int = 4
-    num_stages: int = 3  # Triton's default for launches without an explicit config
+    num_stages: int = 3  # Triton's default, for launches without an explicit config
+    autotune: tuple = ()  # (operand argument, weight-tile bytes) for tiles.shared_bound when the config is tuned
 
     @property
     def label(self):
@@ -50,38 +53,41 @@ class Case:
 
 
 def config_label(config) -> str:
-    """'BMxBNxBK wW sS' of a triton.Config with BLOCK_M/N/K (tiles._config)."""
+    """'BMxBNxBK wW sS' of a GEMM triton.Config."""
     k = config.kwargs
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
 
 
-def _tiled(config, **constexprs):
-    """Constexprs and launch options of an autotune config merged with the case's constexprs."""
+def _tuned(config, **constexprs):
+    """Case fields of an autotune config: its block sizes join the constexprs, warps and stages the options."""
     return dict(config=config_label(config), constexprs=tuple({**config.kwargs, **constexprs}.items()),
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _weight_only_gemm_cases():
-    # The dispatcher runs the fused GEMMs for small M only (SMALL_M_CONFIGS, split-K > 1 writes fp32 partials);
-    # the large-M family is reachable from the kernels' Python API, so it must compile too.
+    # Every tile config compiles once per target. The constexprs change from config to config so that each
+    # target also sees fp16 and bf16, 3-, 4- and 8-bit codes, 2, 3 and 4 codebooks, and split-K 1 and 4 (fp32
+    # partial sums). Compiling every combination would take about 10 minutes on 2 cores, mostly in ptxas.
+    # The dispatcher runs the fused GEMMs for small M only (SMALL_M_CONFIGS); the large-M family is reachable
+    # through the kernels' Python API.
     out = []
     for family, configs in (("small", tiles.SMALL_M_CONFIGS), ("large", tiles.LARGE_M_CONFIGS)):
-        for config in configs:
-            for dtype, split, bits, books in (("float16", 1, 4, 4),
-                                              ("bfloat16", 4 if family == "small" else 1, 3, 3)):
-                x, y = _TORCH_TO_TRITON[dtype], "fp32" if split > 1 else _TORCH_TO_TRITON[dtype]
-                common = dict(x_ptr=x, y_ptr=y, scale_ptr=x, bias_ptr=x)
-                out.append(Case("affine_gemm", "_affine_gemm_kernel", "weight_only", dtype,
-                                variant=f"{x} bits{bits} split{split}",
-                                pointers=tuple({**common, "q_ptr": "u8", "wscale_ptr": "fp16",
-                                                "wzero_ptr": "u8"}.items()),
-                                **_tiled(config, BITS=bits, HAS_SCALE=False, HAS_BIAS=True, SPLIT_K=split)))
-                out.append(Case("vq_gemm", "_vq_gemm_kernel", "weight_only", dtype,
-                                variant=f"{x} books{books} split{split}",
-                                pointers=tuple({**common, "scale_ptr": "fp16", "codes_ptr": "u8",
-                                                "codebooks_ptr": "fp16"}.items()),
-                                **_tiled(config, NUM_BOOKS=books, G=8, HAS_SCALE=True, HAS_BIAS=True,
-                                         SPLIT_K=split)))
+        for i, config in enumerate(configs):
+            dtype = ("float16", "bfloat16")[i % 2]
+            split = 4 if family == "small" and i % 2 else 1
+            bits = (4, 3, 4, 8)[i % 4]
+            books = (4, 3, 2)[i % 3]
+            x = _TRITON_TYPE[dtype]
+            common = {"x_ptr": x, "y_ptr": "fp32" if split > 1 else x, "scale_ptr": x, "bias_ptr": x}
+            out.append(Case("affine_gemm", "_affine_gemm_kernel", "weight_only", dtype,
+                            variant=f"{x} bits{bits} split{split}", autotune=("x_ptr", 4),
+                            pointers=tuple({**common, "q_ptr": "u8", "wscale_ptr": "fp16", "wzero_ptr": "u8"}.items()),
+                            **_tuned(config, BITS=bits, HAS_SCALE=False, HAS_BIAS=True, SPLIT_K=split)))
+            out.append(Case("vq_gemm", "_vq_gemm_kernel", "weight_only", dtype,
+                            variant=f"{x} books{books} split{split}", autotune=("x_ptr", 4),
+                            pointers=tuple({**common, "scale_ptr": "fp16", "codes_ptr": "u8",
+                                            "codebooks_ptr": "fp16"}.items()),
+                            **_tuned(config, NUM_BOOKS=books, G=8, HAS_SCALE=True, HAS_BIAS=True, SPLIT_K=split)))
     return out
 
 
@@ -89,23 +95,24 @@ def _int8_cases():
     from .int8_gemm import _INT8_CONFIGS
     from .twins import weight_offset
     out = []
-    for config in _INT8_CONFIGS:
-        for dtype, bits in (("float16", 8), ("float32", 4)):
-            y = _TORCH_TO_TRITON[dtype]
-            out.append(Case("int8_gemm", "_int8_gemm_kernel", "int8", dtype, variant=f"{y} out, w{bits}a8",
-                            pointers=(("xq_ptr", "i8"), ("xsum_ptr", "i32"), ("sx_ptr", "fp32"), ("zx_ptr", "i32"),
-                                      ("q_ptr", "u8"), ("sw_ptr", "fp16"), ("zw_ptr", "u8"), ("wsum_ptr", "i32"),
-                                      ("bias_ptr", y), ("y_ptr", y)),
-                            **_tiled(config, BITS=bits, W_OFFSET=weight_offset(bits), HAS_BIAS=True)))
+    for i, config in enumerate(_INT8_CONFIGS):
+        dtype, bits = (("float16", 8), ("float32", 4), ("bfloat16", 8))[i % 3]
+        y = _TRITON_TYPE[dtype]
+        out.append(Case("int8_gemm", "_int8_gemm_kernel", "int8", dtype, variant=f"{y} out w{bits}a8",
+                        autotune=("xq_ptr", 1),
+                        pointers=(("xq_ptr", "i8"), ("xsum_ptr", "i32"), ("sx_ptr", "fp32"), ("zx_ptr", "i32"),
+                                  ("q_ptr", "u8"), ("sw_ptr", "fp16"), ("zw_ptr", "u8"), ("wsum_ptr", "i32"),
+                                  ("bias_ptr", y), ("y_ptr", y)),
+                        **_tuned(config, BITS=bits, W_OFFSET=weight_offset(bits), HAS_BIAS=True)))
     return out
 
 
 def _fixed_tile_cases():
-    """Kernels launched with fixed tiles (the defaults of their Python launchers)."""
+    """Kernels launched with fixed tiles: the defaults of their Python launchers."""
     out = []
     for dtype, perm in (("float16", False), ("bfloat16", True), ("float32", True)):
-        x = _TORCH_TO_TRITON[dtype]
-        perm_ptr = "i32" if perm else x  # without a permutation the launcher passes x as a dummy
+        x = _TRITON_TYPE[dtype]
+        perm_ptr = "i32" if perm else x  # without a permutation the launcher passes x as a placeholder
         meta = dict(config="32x128 w4 s3", variant=f"{x} perm={perm}",
                     constexprs=(("QMAX", 255), ("HAS_PERM", perm), ("BLOCK_M", 32), ("BLOCK_K", 128)))
         out.append(Case("act_quant", "_quantize_static_kernel", "int8", dtype, **meta,
@@ -115,7 +122,7 @@ def _fixed_tile_cases():
                         pointers=(("x_ptr", x), ("perm_ptr", perm_ptr), ("xq_ptr", "i8"), ("xsum_ptr", "i32"),
                                   ("scale_ptr", "fp32"), ("zero_ptr", "i32"))))
     for dtype, bits, books in (("float16", 4, 4), ("bfloat16", 3, 2)):
-        x = _TORCH_TO_TRITON[dtype]
+        x = _TRITON_TYPE[dtype]
         out.append(Case("affine_gemm", "_affine_decode_kernel", "weight_only", dtype, config="32x128 w4 s3",
                         variant=f"{x} bits{bits}",
                         pointers=(("q_ptr", "u8"), ("scale_ptr", "fp16"), ("zero_ptr", "u8"), ("out_ptr", x)),
@@ -140,7 +147,7 @@ def _source(fn, case):
     pointers = dict(case.pointers)
     unknown = (set(constexprs) | set(pointers)) - set(fn.arg_names)
     if unknown:
-        raise ValueError(f"{case.kernel} has no arguments {sorted(unknown)} (kernel signature changed?)")
+        raise ValueError(f"{case.kernel} has no arguments {sorted(unknown)}: update kernels/targets.py")
     signature = {name: "constexpr" if name in constexprs else "*" + pointers[name] if name in pointers else "i32"
                  for name in fn.arg_names}
     # torch allocations are 16-byte aligned and Triton's launcher tells the compiler so; without the hint the
@@ -148,14 +155,14 @@ def _source(fn, case):
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in pointers}
     try:
         return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    except TypeError:  # Triton before 3.2 named it `constants`
+    except TypeError:  # Triton before 3.2 called them `constants`
         return triton.compiler.ASTSource(fn=fn, signature=signature, constants=constexprs, attrs=attrs)
 
 
 def _cuobjdump():
     import triton
     try:
-        from triton import knobs  # Triton >= 3.4
+        from triton import knobs  # Triton 3.4 and later
         return knobs.nvidia.cuobjdump.path
     except Exception:
         path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -175,26 +182,28 @@ def _resource_usage(cubin: bytes, kernel: str) -> dict:
         except (OSError, subprocess.SubprocessError):
             return {}
     match = re.search(rf"Function {re.escape(kernel)}:\s*REG:(\d+) STACK:(\d+) SHARED:(\d+)", text)
-    return {} if not match else dict(zip(("regs", "stack", "static_shared"), map(int, match.groups())))
+    return dict(zip(("regs", "stack", "static_shared"), map(int, match.groups()))) if match else {}
 
 
-def _first_error_line(text: str) -> str:
-    """The MLIR diagnostic that explains a failed pass pipeline (the exception itself only says it failed)."""
-    for line in text.splitlines():
+def _diagnostic(log: str, error: Exception) -> str:
+    """The MLIR diagnostic behind a failed pass pipeline (the exception itself only says that it failed),
+    cut before the tensor type it names, which differs from config to config."""
+    for line in log.splitlines():
         if "error:" in line:
-            return line.split("error:", 1)[1].strip()[:200]
-    return ""
+            return line.split("error:", 1)[1].split(", but got")[0].strip()[:160]
+    lines = str(error).strip().splitlines()
+    return lines[-1][:160] if lines else ""
 
 
 def compile_case(case: Case, capability) -> dict:
-    """Compile one case for one compute capability: a row of the matrix. 'error' is set when it fails."""
+    """Compile one case for one compute capability: one row of the matrix, 'error' set when it fails."""
     import triton
     from triton.backends.compiler import GPUTarget
     fn = getattr(importlib.import_module(f"{__package__}.{case.module}"), case.kernel)
-    start = time.perf_counter()
     row = {"kernel": case.kernel, "config": case.config, "variant": case.variant, "path": case.path,
            "dtype": case.dtype, "target": "sm_%d%d" % tuple(capability), "error": None}
-    # the MLIR diagnostics of a failed pipeline go to fd 2, not into the exception: keep them
+    start = time.perf_counter()
+    # MLIR writes its diagnostics to file descriptor 2, not into the exception: catch them there
     with tempfile.TemporaryFile(mode="w+") as log:
         saved = os.dup(2)
         os.dup2(log.fileno(), 2)
@@ -202,14 +211,14 @@ def compile_case(case: Case, capability) -> dict:
             compiled = triton.compile(_source(fn, case), target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
                                       options={"num_warps": case.num_warps, "num_stages": case.num_stages})
         except Exception as e:
-            os.dup2(saved, 2)
-            log.seek(0)
-            detail = _first_error_line(log.read()) or str(e).strip().splitlines()[-1][:200]
-            row["error"] = f"{type(e).__name__}: {detail}"
-            return row
+            compiled, error = None, e
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+        if compiled is None:
+            log.seek(0)
+            row["error"] = f"{type(error).__name__}: {_diagnostic(log.read(), error)}"
+            return row
     row["shared"] = compiled.metadata.shared
     row.update(_resource_usage(compiled.asm["cubin"], case.kernel))
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -217,54 +226,52 @@ def compile_case(case: Case, capability) -> dict:
 
 
 def _compile_job(job):
-    case, capability = job
-    return compile_case(case, capability)
+    return compile_case(*job)
 
 
-def _quiet_worker():
-    # Triton 3.9 warns once per process that its fp-fusion default will change; the kernels rely on the
-    # default (fusion on) on 3.6 and 3.9 alike
+def _worker_setup():
+    # Triton 3.9 warns once per process that its fp-fusion default will change; the kernels are written for
+    # the current default (fusion on), which is what Triton 3.6 does too
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def compile_matrix(case_list=None, targets=TARGETS, workers=None) -> list:
-    """Rows of compile_case for every case x target, compiled in parallel worker processes (spawned: a fresh
+    """Rows of compile_case for every case and target, compiled in worker processes (spawned: a fresh
     interpreter, whatever the parent has imported). Triton's on-disk cache makes a second run fast."""
-    jobs = [(case, cap) for case in (case_list if case_list is not None else cases()) for cap in targets]
-    workers = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    import multiprocessing
+    jobs = [(case, cap) for case in (cases() if case_list is None else case_list) for cap in targets]
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_quiet_worker) as pool:
-        return list(pool.map(_compile_job, jobs, chunksize=4))
+                             initializer=_worker_setup) as pool:
+        return list(pool.map(_compile_job, jobs))
 
 
 def format_matrix(rows) -> str:
-    """One line per case: shared KiB / registers (+stack bytes when ptxas spilled) per target, or the error."""
+    """One line per case: 'shared KiB/registers' per target ('+N' stack bytes where ptxas spilled, 'pruned'
+    where the row says so), then one line per kernel and target that fails to compile."""
     targets = sorted({r["target"] for r in rows})
     by_case = {}
     for r in rows:
-        by_case.setdefault((r["kernel"], r["config"], r["variant"]), {})[r["target"]] = r
-    width = max(len(f"{k} [{c}] {v}") for k, c, v in by_case)
-    lines = [f"{'kernel [tiles] constexprs':{width}}  " + "  ".join(f"{t:>13}" for t in targets),
-             f"{'':{width}}  " + "  ".join(f"{'smemKiB/regs':>13}" for _ in targets)]
-    for (k, c, v), per_target in by_case.items():
+        by_case.setdefault(f"{r['kernel']} [{r['config']}] {r['variant']}", {})[r["target"]] = r
+    width = max(map(len, by_case))
+    lines = [f"{'kernel [tiles] constexprs':{width}}" + "".join(f"{t:>20}" for t in targets),
+             f"{'':{width}}" + "".join(f"{'smemKiB/regs+stack':>20}" for _ in targets)]
+    for label, per_target in by_case.items():
         cells = []
         for t in targets:
             r = per_target.get(t)
-            if r is None:
-                cells.append(f"{'-':>13}")
-            elif r["error"]:
-                cells.append(f"{'FAILS':>13}")
+            if r is None or r["error"]:
+                cell = "-" if r is None else "FAILS"
             else:
-                cell = f"{r['shared'] / 1024:g}/{r.get('regs', '?')}"
-                if r.get("stack"):
-                    cell += f"+{r['stack']}s"
-                if r.get("pruned"):
-                    cell = "pruned " + cell
-                cells.append(f"{cell:>13}")
-        lines.append(f"{f'{k} [{c}] {v}':{width}}  " + "  ".join(cells))
-    errors = {(r["kernel"], r["target"], r["error"]) for r in rows if r["error"]}
-    lines += [f"FAILS: {k} on {t}: {e}" for k, t, e in sorted(errors)]
+                cell = f"{r['shared'] / 1024:g}/{r.get('regs', '?')}" + (f"+{r['stack']}" if r.get("stack") else "")
+                cell = ("pruned " if r.get("pruned") else "") + cell
+            cells.append(f"{cell:>20}")
+        lines.append(f"{label:{width}}" + "".join(cells))
+    failures = {}
+    for r in rows:
+        if r["error"]:
+            failures.setdefault((r["kernel"], r["target"]), r["error"])
+    lines += [f"FAILS {kernel} on {target}: {error}" for (kernel, target), error in sorted(failures.items())]
     return "\n".join(lines)
 
 

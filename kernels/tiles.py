@@ -48,14 +48,23 @@ def load_packed_tile(q_ptr, row_bytes, offs_k, offs_n, k_limit, N, BITS: tl.cons
 
 
 @triton.jit
-def store_dense_weight(out_ptr, w, offs_k, offs_n, K, N, CIN, TAPS):
-    """Store a [BLOCK_K, BLOCK_N] tile of the matrix view [N, K] (k = tap * CIN + c) into a dense weight
-    laid out as PyTorch wants it: [N, K] for Linear (TAPS = 1), [N, CIN, kh, kw] for Conv2d."""
-    tap = offs_k // CIN
-    chan = offs_k % CIN
-    dest = offs_n[None, :].to(tl.int64) * K + (chan * TAPS + tap)[:, None]
+def store_matrix_tile(out_ptr, w, offs_k, offs_n, K, N):
+    """Store a [BLOCK_K, BLOCK_N] tile of the transposed matrix view into out [N, K] (row-major). Plain
+    offsets let Triton vectorize the stores along K; Conv2d weights are permuted to PyTorch's layout by the
+    launcher (see conv_layout), since an in-kernel scatter (k = tap·in + c -> c·taps + tap, with a division
+    per element) ran at about 100 GB/s on an H200."""
+    dest = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     tl.store(out_ptr + dest, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def conv_layout(matrix: torch.Tensor, weight_shape) -> torch.Tensor:
+    """A decoded matrix view [N, K] (k = tap·in + c) in the logical weight shape: itself for Linear, one
+    permuting copy to [N, in, kh, kw] for Conv2d."""
+    if len(weight_shape) == 2:
+        return matrix
+    n_out, cin, kh, kw = weight_shape
+    return matrix.view(n_out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
 
 
 @triton.jit
@@ -106,6 +115,59 @@ TUNING_KEY = ["M", "N", "K", "SPLIT_K"]
 LAYOUT_TUNING_KEY = ["NUM_BOOKS", "BITS"]
 
 
+# ---- shared memory: prune the tile configs a GPU cannot launch ------------------------------------------------
+
+# Shared memory one block may opt into (bytes), by compute capability: what Triton checks a kernel against
+# before launching it. torch reports it as shared_memory_per_block_optin from 2.12 on; this table serves older
+# torch (2.11 on the GPU machine).
+SHARED_PER_BLOCK = {(7, 5): 64 << 10, (8, 0): 163 << 10, (8, 6): 99 << 10, (8, 7): 163 << 10, (8, 9): 99 << 10,
+                    (9, 0): 227 << 10}
+SHARED_PER_BLOCK_DEFAULT = 99 << 10  # the smallest limit from sm_80 on, for a capability not in the table
+# ptxas adds 1 KiB of static shared memory on sm_90 (the compile matrix shows it); the launch needs both
+STATIC_SHARED_SLACK = 1 << 10
+
+
+def shared_limit(capability) -> int:
+    return SHARED_PER_BLOCK.get(tuple(capability), SHARED_PER_BLOCK_DEFAULT)
+
+
+def device_shared_limit(device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or shared_limit((props.major, props.minor))
+
+
+def shared_bound(config, a_bytes, b_bytes, out_bytes) -> int:
+    """Upper bound of the shared memory a GEMM tile config gets from Triton (3.6 and 3.9 alike), fitted to and
+    checked against the compile matrix (tests/test_kernel_targets.py): the activation tile, which the
+    pipeliner may buffer num_stages deep, plus the weight tile staged once for tl.dot (the kernels decode it in
+    registers; sm_75 stages it as fp32, hence b_bytes = 4 for the weight-only kernels), or the epilogue's
+    output tile when that is larger."""
+    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    operands = config.num_stages * m * k * a_bytes + k * n * b_bytes
+    return max(operands, m * n * out_bytes) + STATIC_SHARED_SLACK
+
+
+def configs_that_fit(configs, limit, a_bytes, b_bytes, out_bytes) -> list:
+    """The configs whose shared_bound fits `limit`; the smallest one if none does (the autotuner needs one)."""
+    fits = [c for c in configs if shared_bound(c, a_bytes, b_bytes, out_bytes) <= limit]
+    return fits or [min(configs, key=lambda c: shared_bound(c, a_bytes, b_bytes, out_bytes))]
+
+
+def shared_memory_prune(activation_arg, b_bytes):
+    """early_config_prune for triton.autotune (called as fn(configs, named_args, **kwargs) by Triton 3.6 and
+    3.9): keeps the configs that fit the running GPU's shared memory per block. Configs that do not fit would
+    only fail to launch (the autotuner skips them, after compiling them for nothing), or break the call when
+    a single config is left."""
+    def prune(configs, named_args, **kwargs):
+        x, y = named_args[activation_arg], named_args["y_ptr"]
+        return configs_that_fit(configs, device_shared_limit(y.device), x.element_size(), b_bytes,
+                                y.element_size())
+    return prune
+
+
+WEIGHT_ONLY_PRUNE = {"early_config_prune": shared_memory_prune("x_ptr", 4)}
+
+
 def quick_bench(kernel_call, quantiles):
     """Autotuning benchmark: 5 ms warm-up and 20 ms of timed calls per candidate instead of Triton's 25 + 100,
     so that a UNet's first step tunes its ~30 GEMM shapes in seconds (the candidates differ by far more than
@@ -116,8 +178,8 @@ def quick_bench(kernel_call, quantiles):
 def tuned_pair(kernel):
     """(small-M autotuner, large-M autotuner) of one weight-only GEMM kernel."""
     key = TUNING_KEY + [name for name in LAYOUT_TUNING_KEY if name in kernel.arg_names]
-    return (triton.autotune(SMALL_M_CONFIGS, key=key, do_bench=quick_bench)(kernel),
-            triton.autotune(LARGE_M_CONFIGS, key=key, do_bench=quick_bench)(kernel))
+    return tuple(triton.autotune(configs, key=key, do_bench=quick_bench, prune_configs_by=WEIGHT_ONLY_PRUNE)(kernel)
+                 for configs in (SMALL_M_CONFIGS, LARGE_M_CONFIGS))
 
 
 def choose_split_k(M, N, K, device):

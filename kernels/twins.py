@@ -114,7 +114,9 @@ def dynamic_row_params(x2, bits):
     x = x2.float()
     lo = torch.clamp(x.amin(dim=1, keepdim=True), max=0.0)
     hi = torch.clamp(x.amax(dim=1, keepdim=True), min=0.0)
-    scale = (hi - lo) / qmax
+    # a tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal, which differs
+    # from the kernels' IEEE division in the last bit (seen on an H200: codes off by one)
+    scale = (hi - lo) / torch.full_like(hi, qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
     return scale, zero.to(torch.int32)

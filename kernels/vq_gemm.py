@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (INTERPRETER_DECODE_BLOCKS, interpreting, launch_weight_only, split_k_range, store_dense_weight,
+from .tiles import (INTERPRETER_DECODE_BLOCKS, conv_layout, interpreting, launch_weight_only, split_k_range,
                     swizzled_tile, tuned_pair, weight_only_epilogue)
 
 
@@ -57,10 +57,10 @@ _vq_gemm_tuned = tuned_pair(_vq_gemm_kernel)
 
 
 @triton.jit
-def _vq_decode_kernel(codes_ptr, codebooks_ptr, scale_ptr, out_ptr, N, K, CIN, TAPS, NUM_BOOKS: tl.constexpr,
+def _vq_decode_kernel(codes_ptr, codebooks_ptr, scale_ptr, out_ptr, N, K, NUM_BOOKS: tl.constexpr,
                       G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_GROUPS: tl.constexpr):
-    """Tile [BLOCK_N rows, BLOCK_GROUPS groups, G]: each codeword is one contiguous G-vector load (16 bytes for
-    g = 8 in fp16) and each row's output a contiguous run, so the decode streams at memory speed."""
+    """Tile [BLOCK_N rows, BLOCK_GROUPS groups, G] of the matrix view [N, K]: each codeword is one contiguous
+    G-vector load (16 bytes for g = 8 in fp16) and each row's output one contiguous run."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.program_id(1) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
     lane = tl.arange(0, G)
@@ -73,8 +73,7 @@ def _vq_decode_kernel(codes_ptr, codebooks_ptr, scale_ptr, out_ptr, N, K, CIN, T
         w += tl.load(codebooks_ptr + ((m * 256 + code) * G)[:, :, None] + lane[None, None, :]).to(tl.float32)
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     w = w * scale[:, None, None]
-    k = offs_g[None, :, None] * G + lane[None, None, :]  # matrix-view column: tap-major, input channel fastest
-    dest = offs_n[:, None, None].to(tl.int64) * K + (k % CIN) * TAPS + k // CIN
+    dest = offs_n[:, None, None].to(tl.int64) * K + (offs_g * G)[None, :, None] + lane[None, None, :]
     tl.store(out_ptr + dest, w.to(out_ptr.dtype.element_ty), mask=mask[:, :, None])
 
 
@@ -93,11 +92,10 @@ def vq_decode(codes, codebooks, scales, weight_shape, dtype, block_n=None, block
     """Dense scaled weight of logical shape weight_shape ([N, K] or [N, in, kh, kw]) in dtype."""
     default = INTERPRETER_DECODE_BLOCKS if interpreting() else (16, 32)
     block_n, block_groups = block_n or default[0], block_groups or default[1]
-    n_out, cin = weight_shape[0], weight_shape[1]
-    n_groups = codes.shape[1]
+    n_out, n_groups = codes.shape[0], codes.shape[1]
     K = n_groups * codebooks.shape[2]
-    out = torch.empty(weight_shape, device=codes.device, dtype=dtype)
+    out = torch.empty(n_out, K, device=codes.device, dtype=dtype)
     grid = (triton.cdiv(n_out, block_n), triton.cdiv(n_groups, block_groups))
-    _vq_decode_kernel[grid](codes, codebooks, scales, out, n_out, K, cin, K // cin, **_book_meta(codebooks),
-                            BLOCK_N=block_n, BLOCK_GROUPS=block_groups)
-    return out
+    _vq_decode_kernel[grid](codes, codebooks, scales, out, n_out, K, **_book_meta(codebooks), BLOCK_N=block_n,
+                            BLOCK_GROUPS=block_groups)
+    return conv_layout(out, weight_shape)
