@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (INTERPRETER_DECODE_BLOCKS, conv_layout, interpreting, launch_weight_only, load_packed_tile,
-                    split_k_range, store_matrix_tile, swizzled_tile, tuned_pair, weight_only_epilogue)
+from .tiles import (INTERPRETER_DECODE_BLOCKS, interpreting, launch_weight_only, load_packed_tile, split_k_range,
+                    store_dense_weight, swizzled_tile, tuned_pair, weight_only_epilogue)
 
 
 @triton.jit
@@ -52,12 +52,12 @@ _affine_gemm_tuned = tuned_pair(_affine_gemm_kernel)
 
 
 @triton.jit
-def _affine_decode_kernel(q_ptr, scale_ptr, zero_ptr, row_bytes, n_groups, group_size, out_ptr, N, K,
+def _affine_decode_kernel(q_ptr, scale_ptr, zero_ptr, row_bytes, n_groups, group_size, out_ptr, N, K, CIN, TAPS,
                           BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     w = affine_weight_tile(q_ptr, scale_ptr, zero_ptr, row_bytes, n_groups, group_size, offs_k, offs_n, K, N, BITS)
-    store_matrix_tile(out_ptr, w, offs_k, offs_n, K, N)
+    store_dense_weight(out_ptr, w, offs_k, offs_n, K, N, CIN, TAPS)
 
 
 def _layout_args(qweight, scale, zero, group_size, K):
@@ -75,10 +75,10 @@ def affine_decode(qweight, scale, zero, bits, group_size, weight_shape, dtype, b
     """Dense weight of logical shape weight_shape ([N, K] or [N, in, kh, kw]) in dtype."""
     default = INTERPRETER_DECODE_BLOCKS if interpreting() else (32, 128)
     block_n, block_k = block_n or default[0], block_k or default[1]
-    n_out = weight_shape[0]
+    n_out, cin = weight_shape[0], weight_shape[1]
     K = qweight.shape[1] * 8 // bits
-    out = torch.empty(n_out, K, device=qweight.device, dtype=dtype)
+    out = torch.empty(weight_shape, device=qweight.device, dtype=dtype)
     grid = (triton.cdiv(n_out, block_n), triton.cdiv(K, block_k))
-    _affine_decode_kernel[grid](*_layout_args(qweight, scale, zero, group_size, K), out, n_out, K, BITS=bits,
-                                BLOCK_N=block_n, BLOCK_K=block_k)
-    return conv_layout(out, weight_shape)
+    _affine_decode_kernel[grid](*_layout_args(qweight, scale, zero, group_size, K), out, n_out, K, cin, K // cin,
+                                BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out

@@ -48,12 +48,15 @@ def load_packed_tile(q_ptr, row_bytes, offs_k, offs_n, k_limit, N, BITS: tl.cons
 
 
 @triton.jit
-def store_matrix_tile(out_ptr, w, offs_k, offs_n, K, N):
-    """Store a [BLOCK_K, BLOCK_N] tile of the transposed matrix view into out [N, K] (row-major). Plain
-    offsets let Triton vectorize the stores along K; Conv2d weights are permuted to PyTorch's layout by the
-    launcher (see conv_layout), since an in-kernel scatter (k = tap·in + c -> c·taps + tap, with a division
-    per element) ran at about 100 GB/s on an H200."""
-    dest = offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+def store_dense_weight(out_ptr, w, offs_k, offs_n, K, N, CIN, TAPS):
+    """Store a [BLOCK_K, BLOCK_N] tile of the matrix view [N, K] (k = tap * CIN + c) into a dense weight
+    laid out as PyTorch wants it: [N, K] for Linear (TAPS = 1), [N, CIN, kh, kw] for Conv2d. (The VQ decode
+    writes its matrix view contiguously and permutes Conv2d weights afterwards (conv_layout): that was faster
+    for VQ on an H200. The same change measured slower for int_affine in a run whose fp16 baseline was itself
+    45% slower, so int_affine keeps this store until a cleaner measurement.)"""
+    tap = offs_k // CIN
+    chan = offs_k % CIN
+    dest = offs_n[None, :].to(tl.int64) * K + (chan * TAPS + tap)[:, None]
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     tl.store(out_ptr + dest, w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -118,8 +121,8 @@ LAYOUT_TUNING_KEY = ["NUM_BOOKS", "BITS"]
 # ---- shared memory: prune the tile configs a GPU cannot launch ------------------------------------------------
 
 # Shared memory one block may opt into (bytes), by compute capability: what Triton checks a kernel against
-# before launching it. torch reports it as shared_memory_per_block_optin from 2.12 on; this table serves older
-# torch (2.11 on the GPU machine).
+# before launching it. Recent torch reports it as shared_memory_per_block_optin; this table serves torch
+# versions without it (2.11, on the GPU machine).
 SHARED_PER_BLOCK = {(7, 5): 64 << 10, (8, 0): 163 << 10, (8, 6): 99 << 10, (8, 7): 163 << 10, (8, 9): 99 << 10,
                     (9, 0): 227 << 10}
 SHARED_PER_BLOCK_DEFAULT = 99 << 10  # the smallest limit from sm_80 on, for a capability not in the table

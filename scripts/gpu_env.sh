@@ -132,6 +132,8 @@ else
 fi
 [ "$#" -gt 0 ] || exit 0
 log "running in $VENV: $*"
+# scripts/gpu_env_site/sitecustomize.py: Triton 3.6's interpreter with numpy >= 2.4 (CPU dry runs only)
+export PYTHONPATH="$ROOT/scripts/gpu_env_site${PYTHONPATH:+:$PYTHONPATH}"
 export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH"
 unset PYTHONHOME
 exec "$@"
