@@ -139,7 +139,7 @@ def affine_tensors(weight, bits, group_size):
     return quantize_int_affine(weight, bits, group_size)
 
 
-# ---- section 1: correctness -------------------------------------------------------------------------------
+# ---- correctness ---------------------------------------------------------------------------------------
 
 def correctness(run: Run) -> dict:
     """Triton kernels vs twins at SDXL shapes (tiny under --dry-run). Row counts the dispatcher sends to the
@@ -221,7 +221,7 @@ def correctness(run: Run) -> dict:
     return {"pass": not failed, "failed": failed, "cases": len(report.rows), "rows": report.rows}
 
 
-# ---- section 3: the whole UNet ----------------------------------------------------------------------------
+# ---- the whole UNet --------------------------------------------------------------------------------------
 
 def import_comfy(run: Run):
     from .testbed.model import import_comfy as import_comfy_on
@@ -383,10 +383,9 @@ def save_unet(run: Run, inputs, rows: dict) -> None:
 
 def unet_section(run: Run, formats, lora_state: dict) -> list:
     """Per format: resident VRAM, s/step (Triton, torch reference) and peak VRAM; fp16 first (the baseline
-    and the layer shapes of section 4)."""
-    from ..quant_core.qlayers import QuantizedLayer
-    torch = run.torch
+    and the layer shapes of the kernel timings)."""
     from ..quant_core.actquant.layers import set_execution_mode
+    from ..quant_core.qlayers import QuantizedLayer
     set_execution_mode("real")  # integer kernels for W·A8 layers (the default simulates in fp)
     inputs = unet_inputs(run)
     base = vram(run)["allocated_bytes"]
@@ -424,7 +423,7 @@ def unet_section(run: Run, formats, lora_state: dict) -> list:
     return shapes or []
 
 
-# ---- section 4: LoRA ----------------------------------------------------------------------------------------
+# ---- LoRA ------------------------------------------------------------------------------------------------
 
 LORA_RANK = 32
 
@@ -505,7 +504,7 @@ def lora_section(run: Run, lora_state: dict) -> dict:
             "formats": rows}
 
 
-# ---- section 2: kernel timings at the UNet's shapes -----------------------------------------------------------
+# ---- kernel timings at the UNet's shapes ------------------------------------------------------------------
 
 def distinct_shapes(layer_shapes) -> list:
     """[(kind, N, K or conv dims, M or input shape)] in the order: largest work first."""

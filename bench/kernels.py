@@ -1,30 +1,23 @@
-"""Correctness checks and timings of the LowBit Triton kernels.
+"""Correctness checks of the LowBit Triton kernels against their torch twins.
 
     python -m lowbit.bench.kernels --check [--device cpu|cuda]
         Runs every kernel against its plain-torch twin (lowbit.kernels.twins) at small shapes and prints a
         JSON report (max abs error, tolerance, pass per case); exit status 1 if a case fails. On cpu the
         kernels run under the Triton interpreter: TRITON_INTERPRET=1 is set before Triton is imported, or
         the check re-runs itself in a fresh interpreter where that is no longer possible.
-    python -m lowbit.bench.kernels [--m 77 2048 8192] [--out bench/results]
-        On a CUDA GPU: times each kernel against fp16 torch.matmul / F.conv2d at SDXL shapes (CUDA events,
-        after warm-up and autotuning) and writes JSON with device, versions, date and the ratio to fp16 per
-        shape. Without a GPU it says so and exits with status 2: no numbers are invented.
+Kernel timings are part of `python -m lowbit bench gpu` (its `kernels` section, at the UNet's own shapes).
 
 Tolerances: integer outputs (activation codes, code sums, int32 GEMM accumulators) and decoded weights must
 match exactly; GEMMs with fp16 weight tiles must satisfy ‖y − twin‖ ≤ 1e-2 ‖twin‖ (they differ only in fp32
 summation order); integer-GEMM fp outputs must match within fp32 rounding (1e-5 of max |twin|).
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels import twins
 from ..quant_core.layouts.int_affine import quantize_int_affine
@@ -32,7 +25,6 @@ from ..quant_core.packing import pack_bits
 
 # Modules that import Triton (act_quant, affine_gemm, int8_gemm, vq_gemm) are imported inside the functions,
 # after --check has had the chance to switch the interpreter on.
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FP_REL_TOL = 1e-2
 FP32_ROUNDING_TOL = 1e-5
 # Explicit tile configurations for the checks: small enough for the interpreter, valid on GPUs too
@@ -239,139 +231,19 @@ def check_main(device):
     return 0 if result["pass"] else 1
 
 
-# ---- timings ----------------------------------------------------------------------------------------------
-
-LINEAR_SHAPES = [(1280, 1280), (10240, 1280), (1280, 5120), (1280, 2048), (640, 640), (5120, 640), (640, 2560)]
-CONV_SHAPES = [(320, 320, 128), (640, 640, 64), (1280, 1280, 32)]  # (in, out, latent side) of 3x3 convs at 1024²
-CONV_BATCH = 2  # one CFG pair
-
-
-def _time_ms(fn, warmup=5, repeat=30):
-    for _ in range(warmup):  # the first calls also autotune
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def _linear_candidates(n_out, k, gen):
-    """{name: prepare(x) -> run()} of the quantized implementations of one [n_out, k] Linear; prepare does the
-    untimed work (quantizing x beforehand for the GEMM-only rows)."""
-    from ..kernels import act_quant, affine_gemm, int8_gemm, vq_gemm
-    dev = "cuda"
-    out = {}
-    for books in (2, 3, 4):
-        vq = _vq_weights(n_out, k, books, gen, dev)
-        out[f"vq{books}x8 fused"] = lambda x, vq=vq: lambda: vq_gemm.vq_linear(x, *vq)
-        out[f"vq{books}x8 decode+matmul"] = lambda x, vq=vq: lambda: torch.matmul(
-            x, vq_gemm.vq_decode(*vq, (n_out, k), x.dtype).T)
-    for bits, group_size in ((4, 0), (4, 128), (8, 0)):
-        w = _affine_weights(n_out, k, bits, group_size, gen, dev)
-        args = (w["qweight"], w["scale"], w["zero"], bits, group_size)
-        out[f"int{bits} g{group_size} fused"] = lambda x, args=args: lambda: affine_gemm.affine_linear(x, *args)
-    for bits in (8, 4):
-        w = _affine_weights(n_out, k, bits, 0, gen, dev)
-        weights = (w["qweight"], w["scale"], w["zero"], twins.weight_sums(w["qweight"], bits), bits)
-
-        def dynamic_rows(x, weights=weights):
-            xq, xsum, sx, zx = act_quant.quantize_dynamic_rows(x, 8)
-            return int8_gemm.int8_linear(xq, xsum, sx, zx, *weights)
-
-        def gemm_only(x, weights=weights):
-            quantized = act_quant.quantize_dynamic_rows(x, 8)
-            return lambda: int8_gemm.int8_linear(*quantized, *weights)
-
-        out[f"W{bits}A8 dynamic rows (quant+gemm)"] = lambda x, f=dynamic_rows: lambda: f(x)
-        out[f"W{bits}A8 gemm only"] = gemm_only
-        grouped = (w["qweight"], w["scale"], w["zero"], twins.weight_sums(w["qweight"], bits, 128), bits, 128)
-        sx = torch.full((1, k // 128), 0.02, device=dev)
-        zx = torch.full((1, k // 128), 128, device=dev, dtype=torch.int32)
-
-        def k_groups(x, grouped=grouped, sx=sx, zx=zx):
-            xq, xsum = act_quant.quantize_static(x, sx, zx, 8, 128)
-            return int8_gemm.int8_linear(xq, xsum, sx, zx, *grouped)
-
-        out[f"W{bits}A8 K-groups of 128 (quant+gemm)"] = lambda x, f=k_groups: lambda: f(x)
-    return out
-
-
-def _conv_candidates(cin, cout, gen):
-    """{name: prepare(x) -> run()} of the quantized implementations of one 3x3 Conv2d."""
-    from ..kernels import affine_gemm, vq_gemm
-    shape = (cout, cin, 3, 3)
-    k = cin * 9
-    out = {}
-    for books in (3, 4):
-        vq = _vq_weights(cout, k, books, gen, "cuda")
-        out[f"vq{books}x8 decode+conv"] = lambda x, vq=vq: lambda: F.conv2d(
-            x, vq_gemm.vq_decode(*vq, shape, x.dtype), padding=1)
-    w = _affine_weights(cout, k, 4, 0, gen, "cuda")
-    args = (w["qweight"], w["scale"], w["zero"], 4, 0, shape)
-    out["int4 g0 decode+conv"] = lambda x: lambda: F.conv2d(x, affine_gemm.affine_decode(*args, x.dtype), padding=1)
-    return out
-
-
-def run_timings(m_values, out_dir):
-    import triton
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for n_out, k in LINEAR_SHAPES:
-        weight = torch.randn(n_out, k, generator=gen).to("cuda", torch.float16)
-        candidates = _linear_candidates(n_out, k, gen)
-        for m in m_values:
-            x = torch.randn(m, k, generator=gen).to("cuda", torch.float16)
-            base = _time_ms(lambda: torch.matmul(x, weight.T))
-            for name, prepare in candidates.items():
-                t = _time_ms(prepare(x))
-                rows.append({"op": "linear", "shape": {"M": m, "N": n_out, "K": k}, "kernel": name, "ms": t,
-                             "fp16_ms": base, "ratio_to_fp16": t / base})
-                print(json.dumps(rows[-1]), flush=True)
-    for cin, cout, side in CONV_SHAPES:
-        weight = torch.randn(cout, cin, 3, 3, generator=gen).to("cuda", torch.float16)
-        x = torch.randn(CONV_BATCH, cin, side, side, generator=gen).to("cuda", torch.float16)
-        base = _time_ms(lambda: F.conv2d(x, weight, padding=1))
-        for name, prepare in _conv_candidates(cin, cout, gen).items():
-            t = _time_ms(prepare(x))
-            rows.append({"op": "conv2d 3x3", "shape": {"batch": CONV_BATCH, "in": cin, "out": cout, "side": side},
-                         "kernel": name, "ms": t, "fp16_ms": base, "ratio_to_fp16": t / base})
-            print(json.dumps(rows[-1]), flush=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    device = torch.cuda.get_device_name()
-    result = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-              "python": platform.python_version(), "date": now.isoformat(timespec="seconds"),
-              "method": "median of 30 CUDA-event timings after 5 warm-up calls (autotuning included in warm-up)",
-              "results": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernels-{device.replace(' ', '_')}-{now:%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
-    return 0
-
-
 def add_arguments(parser):
     parser.add_argument("--check", action="store_true",
                         help="compare every kernel with its torch twin at small shapes (no GPU needed)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="--check: cpu runs the kernels under the Triton interpreter")
-    parser.add_argument("--m", type=int, nargs="+", default=[77, 2048, 8192], help="token counts to time")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the timing JSON")
 
 
 def run(args):
     if args.check:
         return check_main(args.device)
-    if not torch.cuda.is_available():
-        print("kernel timings need a CUDA GPU and none is available here; nothing was measured "
-              "(use --check for the correctness checks)", file=sys.stderr)
-        return 2
-    return run_timings(args.m, args.out)
+    print("kernel timings are the `kernels` section of `python -m lowbit bench gpu` (needs a CUDA GPU; "
+          "nothing was measured); `bench kernels --check` compares the kernels with their twins", file=sys.stderr)
+    return 2
 
 
 def main(argv=None):

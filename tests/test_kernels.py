@@ -241,6 +241,6 @@ def test_int8_path_rejects_what_it_cannot_compute():
         dispatch.ActivationQuant(8, None, None, 32)
 
 
-def test_timings_refuse_to_run_without_a_gpu():
+def test_timings_point_to_bench_gpu():
     proc = _run(["-m", "lowbit.bench.kernels"], CUDA_VISIBLE_DEVICES="")
-    assert proc.returncode == 2 and "nothing was measured" in proc.stderr
+    assert proc.returncode == 2 and "nothing was measured" in proc.stderr and "bench gpu" in proc.stderr
