@@ -11,6 +11,9 @@ Sections, run in this order (the JSON is rewritten after each, so a time-out sti
                weight at every forward);
   correctness  every Triton kernel against its torch twin on CUDA, fp16 and bf16, at SDXL's real shapes
                (weight-only GEMMs and decodes of every layout, the int8 GEMM with the act-quant kernels);
+  targets      the shared-memory limit the autotune pruning assumes against the one Triton reports, the
+               pruning inside real autotuning, and a forced kernel failure falling back to the torch
+               reference with one warning;
   kernels      per distinct Linear (N, K) and 3x3 Conv2d of the UNet at the shapes the step used, plus
                M = 16 and 1: every quantized implementation against cuBLAS / cuDNN fp16 in the same run,
                until the time budget is spent (largest M first).
@@ -31,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("correctness", "unet", "lora", "kernels")
+SECTIONS = ("correctness", "unet", "lora", "targets", "kernels")
 UNET_FORMATS = ("fp16", "rtn_w4_g128", "vq_3x8g8", "vq_2x8g8", "w8a8", "w4a8")
 SDXL = {  # kwargs of ComfyUI's UNetModel for SDXL base (comfy.supported_models.SDXL + detected config)
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
@@ -414,7 +417,7 @@ def unet_section(run: Run, formats, lora_state: dict) -> list:
                 lora_state["results"][fmt] = lora_steps(run, unet, inputs, repeat)
         from ..kernels import dispatch
         # a kernel that failed fell back to the torch reference (one warning): its Triton time is not Triton's
-        row["kernel_failures"] = {" / ".join(map(str, k)): v for k, v in getattr(dispatch, "_failed_kernels", {}).items()}
+        row["kernel_failures"] = {" / ".join(map(str, k)): v for k, v in dispatch.kernel_failures().items()}
         rows[fmt] = row
         print(json.dumps({"unet": fmt, **row}), flush=True)
         del unet
@@ -502,6 +505,84 @@ def lora_section(run: Run, lora_state: dict) -> dict:
     return {"note": "fp16 MODELs get a LoRA merged into their weights at load (ComfyUI): their step time is the "
                     "plain fp16 one; LowBit layers apply it to the dequantized weight at every forward",
             "formats": rows}
+
+
+# ---- the cards' limits and the fallback, on the real device ------------------------------------------------
+
+def targets_section(run: Run) -> dict:
+    """What the compile matrix (kernels/targets.py) can only assume: the shared-memory limit the pruning uses
+    against the one Triton reports, the pruning inside real autotuning, and the one-warning fallback to the
+    torch reference when a kernel fails on the device (forced)."""
+    import logging
+    import torch
+    import triton
+    from ..kernels import affine_gemm, dispatch, int8_gemm, tiles, vq_gemm
+    from ..quant_core.layouts.int_affine import quantize_int_affine
+    from ..quant_core.qlayers import make_quantized_layer
+    out = {}
+    if not run.dry:
+        out["shared_limit_used"] = tiles.device_shared_limit(torch.device("cuda"))
+        try:
+            out["shared_limit_triton"] = triton.runtime.driver.active.utils.get_device_properties(0)["max_shared_mem"]
+        except Exception as e:  # the driver utilities differ between Triton versions
+            out["shared_limit_triton"] = f"{type(e).__name__}: {e}"[:200]
+        calls = []
+        tuners = {"affine small-M": affine_gemm._affine_gemm_tuned[0],
+                  "affine large-M": affine_gemm._affine_gemm_tuned[1], "vq small-M": vq_gemm._vq_gemm_tuned[0],
+                  "int8": int8_gemm._int8_gemm_tuned}
+        originals = {name: tuner.early_config_prune for name, tuner in tuners.items()}
+        for name, tuner in tuners.items():
+            def spy(configs, named_args, inner=originals[name], name=name, **kwargs):
+                kept = inner(configs, named_args, **kwargs)
+                calls.append({"tuner": name, "configs": len(configs), "kept": len(kept)})
+                return kept
+            tuner.early_config_prune = spy
+        gen = torch.Generator().manual_seed(4)
+        try:
+            with torch.no_grad():
+                w = {n: v.cuda() for n, v in affine_tensors(torch.randn(320, 640, generator=gen), 4, 64).items()}
+                for m in (16, 300):  # fresh shapes: the autotuners run (and prune) again
+                    x = torch.randn(m, 640, generator=gen).to("cuda", torch.float16)
+                    affine_gemm.affine_linear(x, w["qweight"], w["scale"], w["zero"], 4, 64)
+                v = vq_tensors(320, 640, 2, gen, "cuda")
+                vq_gemm.vq_linear(torch.randn(16, 640, generator=gen).to("cuda", torch.float16), v["codes"],
+                                  v["codebooks"], v["scales"])
+        finally:
+            for name, tuner in tuners.items():
+                tuner.early_config_prune = originals[name]
+        out["prune_calls"] = calls
+    # forced failure of the decode kernel: the layer's output must equal the reference, with one warning
+    warnings = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            warnings.append(record.getMessage())
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    module = torch.nn.Linear(640, 320)
+    layer = make_quantized_layer(module, "int_affine", {"bits": 4, "group_size": 64},
+                                 quantize_int_affine(module.weight.detach(), 4, 64)).to(run.device, torch.float16)
+    decode = affine_gemm.affine_decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("forced failure (bench gpu)")
+    affine_gemm.affine_decode = broken
+    equal = []
+    try:
+        with torch.no_grad(), kernels_on_cpu(run):
+            for _ in range(3):
+                x = torch.randn(2, 100, 640).to(run.device, torch.float16)
+                y = layer(x)
+                with reference_forced(True):
+                    equal.append(bool(torch.equal(y, layer(x))))
+    finally:
+        affine_gemm.affine_decode = decode
+        logging.getLogger().removeHandler(handler)
+        dispatch.forget_kernel_failure("affine_decode", x.device, torch.float16)
+    lowbit_warnings = [w for w in warnings if "LowBit: Triton kernel" in w]
+    out["forced_fallback"] = {"outputs_equal_reference": equal, "warnings": len(lowbit_warnings),
+                              "pass": all(equal) and len(lowbit_warnings) == 1}
+    return out
 
 
 # ---- kernel timings at the UNet's shapes ------------------------------------------------------------------
@@ -671,6 +752,11 @@ def summary_markdown(result: dict) -> str:
         c = s["correctness"]
         lines += [f"Correctness: {'all' if c['pass'] else 'NOT all'} {c['cases']} kernel cases pass"
                   + ("" if c["pass"] else f"; failed: {', '.join(c['failed'][:10])}"), ""]
+    if "targets" in s:
+        t, fallback = s["targets"], s["targets"]["forced_fallback"]
+        lines += [f"Forced kernel failure: outputs equal the reference {fallback['outputs_equal_reference']}, "
+                  f"{fallback['warnings']} warning(s). Shared memory per block: pruning assumes "
+                  f"{t.get('shared_limit_used', '–')}, Triton reports {t.get('shared_limit_triton', '–')}.", ""]
     if "unet" in s:
         lines += ["| UNet format | s/step Triton | × fp16 | s/step torch path | × fp16 | resident GB | peak GB |",
                   "|---|---|---|---|---|---|---|"]
@@ -712,7 +798,8 @@ def add_arguments(parser):
     parser.add_argument("--dry-run", action="store_true",
                         help="every section on the CPU at tiny shapes (Triton interpreter): tests the script")
     parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="wall-clock budget; the kernel timings stop when it is spent (default 420; a dry run has none)")
+                        help="wall-clock budget; the kernel timings stop when it is spent (default 420; "
+                             "a dry run has none)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--formats", default=",".join(UNET_FORMATS), help=f"UNet formats: subset of {UNET_FORMATS}")
     parser.add_argument("--lora-formats", default="rtn_w4_g128,vq_3x8g8",
@@ -752,6 +839,11 @@ def run(args):
         c = r.result["sections"]["correctness"]
         print(f"correctness: {c['cases']} cases, pass={c['pass']} {c['failed'][:5]}", flush=True)
         status = 0 if c["pass"] else 1
+    if "targets" in sections:
+        r.save("targets", targets_section(r))
+        t = r.result["sections"]["targets"]
+        print(f"targets: {json.dumps(t)[:600]}", flush=True)
+        status = status or (0 if t["forced_fallback"]["pass"] else 1)
     if "kernels" in sections:
         kernels_section(r, shapes)
     print(f"wrote {r.path} and {r.path.with_suffix('.md')} in {time.monotonic() - r.start:.0f} s", flush=True)

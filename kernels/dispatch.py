@@ -85,6 +85,16 @@ def kernels_usable(x: torch.Tensor, dtypes=WEIGHT_ONLY_DTYPES) -> bool:
 _failed_kernels: dict = {}
 
 
+def kernel_failures() -> dict:
+    """{(kernel, device, dtype): error} of the kernels that fell back to the torch reference in this process."""
+    return dict(_failed_kernels)
+
+
+def forget_kernel_failure(name: str, device, dtype) -> None:
+    """Let a kernel that failed on this device and dtype be tried again (after a forced failure)."""
+    _failed_kernels.pop((name, str(device), dtype), None)
+
+
 def _kernel_or_reference(name: str, device, dtype, kernel, reference):
     """kernel() where `name` has not failed on this device and dtype, else reference(). The first failure
     (Triton's CompilationError or OutOfResources, a ptxas or driver error...) is remembered and logged once:

@@ -208,7 +208,8 @@ def compile_case(case: Case, capability) -> dict:
         saved = os.dup(2)
         os.dup2(log.fileno(), 2)
         try:
-            compiled = triton.compile(_source(fn, case), target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
+            target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+            compiled = triton.compile(_source(fn, case), target=target,
                                       options={"num_warps": case.num_warps, "num_stages": case.num_stages})
         except Exception as e:
             compiled, error = None, e

@@ -27,7 +27,7 @@ def dry_run(tmp_path_factory):
 
 def test_every_section_reports(dry_run):
     result, markdown = dry_run
-    assert list(result["sections"]) == ["unet", "lora", "correctness", "kernels"]
+    assert list(result["sections"]) == ["unet", "lora", "correctness", "targets", "kernels"]
     for key in ("torch", "triton", "python", "date", "git_commit", "driver", "capability", "method"):
         assert key in result
     assert "| UNet format |" in markdown and "| format + LoRA |" in markdown and "| op | shape |" in markdown
@@ -66,6 +66,12 @@ def test_lora_reaches_the_quantized_layers(dry_run):
     timing = row["lora_on_cpu"]
     # a rank-32 delta of 1% scale on every transformer Linear moves the output, but not beyond recognition
     assert 1e-4 < timing["output_change_rel"] < 0.5 and timing["output_finite"]
+
+
+def test_forced_kernel_failure_falls_back_once(dry_run):
+    fallback = dry_run[0]["sections"]["targets"]["forced_fallback"]
+    assert fallback["outputs_equal_reference"] == [True, True, True] and fallback["warnings"] == 1
+    assert fallback["pass"]
 
 
 def test_kernel_timings_cover_linear_and_conv(dry_run):
