@@ -62,7 +62,9 @@ def test_every_module_imports_from_the_wheel(installed, tmp_path):
     require_comfy()
     _, site = installed
     code = """
-import importlib, pkgutil, sys, lowbit
+import importlib, pkgutil, sys, torch, lowbit
+import comfy.cli_args
+comfy.cli_args.args.cpu = not torch.cuda.is_available()  # before comfy.model_management picks a device
 assert lowbit.__file__.startswith(sys.argv[1] if len(sys.argv) > 1 else %r), lowbit.__file__
 names = [m.name for m in pkgutil.walk_packages(lowbit.__path__, "lowbit.") if not m.name.endswith("__main__")]
 for name in names:
