@@ -16,7 +16,7 @@ Sections, run in this order (the JSON is rewritten after each, so a time-out sti
                reference with one warning;
   kernels      per distinct Linear (N, K) and 3x3 Conv2d of the UNet at the shapes the step used, plus
                M = 16 and 1: every quantized implementation against cuBLAS / cuDNN fp16 in the same run,
-               until the time budget is spent (largest M first).
+               until the time budget is spent (largest work first).
 `--dry-run` runs every section on the CPU at tiny shapes (kernels under the Triton interpreter, a small
 SDXL-structure UNet) so that the script is tested before a GPU is lent; its timings mean nothing.
 
