@@ -34,6 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..kernels import dispatch
+from ..quant_core.layouts.int_affine import quantize_int_affine
+from .kernels import random_vq
+
 SECTIONS = ("correctness", "unet", "lora", "targets", "kernels")
 UNET_FORMATS = ("fp16", "rtn_w4_g128", "vq_3x8g8", "vq_2x8g8", "w8a8", "w4a8")
 SDXL = {  # kwargs of ComfyUI's UNetModel for SDXL base (comfy.supported_models.SDXL + detected config)
@@ -130,16 +134,12 @@ def versions(dry_run: bool) -> dict:
 
 # ---- quantized weights of given shapes (random, speed and correctness only) ------------------------------
 
-def vq_tensors(n_out, k, books, gen, device):
-    import torch
-    return {"codes": torch.randint(0, 256, (n_out, k // 8, books), generator=gen, dtype=torch.uint8).to(device),
-            "codebooks": (torch.randn(books, 256, 8, generator=gen) * (0.5 / books)).half().to(device),
-            "scales": (torch.rand(n_out, 1, generator=gen) * 0.02 + 0.01).half().to(device)}
-
-
-def affine_tensors(weight, bits, group_size):
-    from ..quant_core.layouts.int_affine import quantize_int_affine
-    return quantize_int_affine(weight, bits, group_size)
+def vq_tensors(n_out, k, books, gen, device) -> dict:
+    """Random `vq` layout tensors whose decoded weights have about unit fan-in variance, so a UNet built from
+    them keeps finite activations."""
+    codes, codebooks, scales = random_vq(n_out, k, books, gen, device, codebook_std=0.5 / books,
+                                         scale_range=(0.01, 0.03))
+    return {"codes": codes, "codebooks": codebooks, "scales": scales}
 
 
 # ---- correctness ---------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def correctness(run: Run) -> dict:
                                     vq_gemm.vq_linear(x, *args, bias, config=tiles(m, dtype)),
                                     twins.vq_linear(x, *args, bias), FP_REL_TOL)
                 for bits, group in ((4, 128), (8, 0)):
-                    t = {n: v.to(dev) for n, v in affine_tensors(weight, bits, group).items()}
+                    t = {n: v.to(dev) for n, v in quantize_int_affine(weight, bits, group).items()}
                     args = (t["qweight"], t["scale"], t["zero"], bits, group)
                     report.relative("affine_linear", f"int{bits} g{group}, {case}",
                                     affine_gemm.affine_linear(x, *args, bias, config=tiles(m, dtype)),
@@ -187,14 +187,14 @@ def correctness(run: Run) -> dict:
                 args = (t["codes"], t["codebooks"], t["scales"], (n_out, k), dtype)
                 report.exact("vq_decode", f"{books} codebooks -> [{n_out}, {k}] {dtype}", vq_gemm.vq_decode(*args),
                              twins.vq_decode(*args))
-            t = {n: v.to(dev) for n, v in affine_tensors(weight, 4, 128).items()}
+            t = {n: v.to(dev) for n, v in quantize_int_affine(weight, 4, 128).items()}
             args = (t["qweight"], t["scale"], t["zero"], 4, 128, (n_out, k), dtype)
             report.exact("affine_decode", f"int4 g128 -> [{n_out}, {k}] {dtype}", affine_gemm.affine_decode(*args),
                          twins.affine_decode(*args))
         # the integer path, W8A8 and W4A8: dynamic per-row activations with an fp32 output (exact integer
         # accumulation, fixed tiles) and static per-tensor ones with an fp16 output (autotuned, as layers run)
         for bits in (8, 4):
-            t = {n: v.to(dev) for n, v in affine_tensors(weight, bits, 0).items()}
+            t = {n: v.to(dev) for n, v in quantize_int_affine(weight, bits, 0).items()}
             wsum = twins.weight_sums(t["qweight"], bits)
             for m in ms:
                 x = (torch.randn(m, k, generator=gen) * 2).to(dev, torch.float16)
@@ -288,24 +288,12 @@ def quantize_unet(unet, fmt: str, seed: int):
 
 
 @contextlib.contextmanager
-def reference_forced(enabled: bool):
-    from ..kernels import dispatch
-    before = dispatch.reference_forced()
-    dispatch.force_reference(enabled)
-    try:
-        yield
-    finally:
-        dispatch.force_reference(before)
-
-
-@contextlib.contextmanager
 def kernels_on_cpu(run: Run):
     """Dry run: let the dispatcher send CPU tensors to the Triton kernels (interpreter), so the dry run
     exercises the launch paths the GPU run takes."""
     if not run.dry:
         yield
         return
-    from ..kernels import dispatch
     original = dispatch.kernels_usable
 
     def usable(x, dtypes=dispatch.WEIGHT_ONLY_DTYPES):
@@ -337,12 +325,12 @@ def record_layer_shapes(unet, inputs) -> list:
     return shapes
 
 
-def vram(run: Run) -> dict:
-    torch = run.torch
+def allocated_bytes(run: Run):
+    """CUDA memory held by tensors now (None in a dry run)."""
     if run.dry:
-        return {"allocated_bytes": None}
-    torch.cuda.synchronize()
-    return {"allocated_bytes": torch.cuda.memory_allocated()}
+        return None
+    run.torch.cuda.synchronize()
+    return run.torch.cuda.memory_allocated()
 
 
 def step_timing(run: Run, unet, inputs, repeat) -> dict:
@@ -391,7 +379,7 @@ def unet_section(run: Run, formats, lora_state: dict) -> list:
     from ..quant_core.qlayers import QuantizedLayer
     set_execution_mode("real")  # integer kernels for W·A8 layers (the default simulates in fp)
     inputs = unet_inputs(run)
-    base = vram(run)["allocated_bytes"]
+    base = allocated_bytes(run)
     rows, shapes = {}, None
     repeat = run.repeat if run.dry else 10
     for fmt in formats:
@@ -402,7 +390,7 @@ def unet_section(run: Run, formats, lora_state: dict) -> list:
         unet = quantize_unet(build_unet(run, seed=0), fmt, seed=0)
         release(run)
         row = {"build_s": round(time.monotonic() - t0, 1)}
-        allocated = vram(run)["allocated_bytes"]
+        allocated = allocated_bytes(run)
         row["resident_bytes"] = None if allocated is None else allocated - base
         row["packed_layer_bytes"] = sum(m.packed_bytes() for m in unet.modules() if isinstance(m, QuantizedLayer))
         row["quantized_layers"] = sum(isinstance(m, QuantizedLayer) for m in unet.modules())
@@ -411,11 +399,10 @@ def unet_section(run: Run, formats, lora_state: dict) -> list:
         with kernels_on_cpu(run):
             row["triton"] = step_timing(run, unet, inputs, repeat)
             if fmt != "fp16":
-                with reference_forced(True):
+                with dispatch.reference_only():
                     row["torch_reference"] = step_timing(run, unet, inputs, max(2, repeat // 2))
             if fmt in lora_state.get("formats", ()):
                 lora_state["results"][fmt] = lora_steps(run, unet, inputs, repeat)
-        from ..kernels import dispatch
         # a kernel that failed fell back to the torch reference (one warning): its Triton time is not Triton's
         row["kernel_failures"] = {" / ".join(map(str, k)): v for k, v in dispatch.kernel_failures().items()}
         rows[fmt] = row
@@ -516,8 +503,7 @@ def targets_section(run: Run) -> dict:
     import logging
     import torch
     import triton
-    from ..kernels import affine_gemm, dispatch, int8_gemm, tiles, vq_gemm
-    from ..quant_core.layouts.int_affine import quantize_int_affine
+    from ..kernels import affine_gemm, int8_gemm, tiles, vq_gemm
     from ..quant_core.qlayers import make_quantized_layer
     out = {}
     if not run.dry:
@@ -540,7 +526,7 @@ def targets_section(run: Run) -> dict:
         gen = torch.Generator().manual_seed(4)
         try:
             with torch.no_grad():
-                w = {n: v.cuda() for n, v in affine_tensors(torch.randn(320, 640, generator=gen), 4, 64).items()}
+                w = {n: v.cuda() for n, v in quantize_int_affine(torch.randn(320, 640, generator=gen), 4, 64).items()}
                 for m in (16, 300):  # fresh shapes: the autotuners run (and prune) again
                     x = torch.randn(m, 640, generator=gen).to("cuda", torch.float16)
                     affine_gemm.affine_linear(x, w["qweight"], w["scale"], w["zero"], 4, 64)
@@ -573,7 +559,7 @@ def targets_section(run: Run) -> dict:
             for _ in range(3):
                 x = torch.randn(2, 100, 640).to(run.device, torch.float16)
                 y = layer(x)
-                with reference_forced(True):
+                with dispatch.reference_only():
                     equal.append(bool(torch.equal(y, layer(x))))
     finally:
         affine_gemm.affine_decode = decode
@@ -618,13 +604,13 @@ def linear_candidates(run: Run, weight, gen):
         out[f"vq{books}x8 decode+cuBLAS"] = lambda x, a=args: lambda: F.linear(
             x, vq_gemm.vq_decode(*a, (n_out, k), x.dtype))
     for bits, group in ((4, 128), (8, 0)):
-        t = {n: v.to(dev) for n, v in affine_tensors(weight.float().cpu(), bits, group).items()}
+        t = {n: v.to(dev) for n, v in quantize_int_affine(weight.float().cpu(), bits, group).items()}
         args = (t["qweight"], t["scale"], t["zero"], bits, group)
         out[f"int{bits} g{group} fused"] = lambda x, a=args: lambda: affine_gemm.affine_linear(x, *a)
         out[f"int{bits} g{group} decode+cuBLAS"] = lambda x, a=args: lambda: F.linear(
             x, affine_gemm.affine_decode(*a, (n_out, k), x.dtype))
     for bits in (8, 4):
-        t = {n: v.to(dev) for n, v in affine_tensors(weight.float().cpu(), bits, 0).items()}
+        t = {n: v.to(dev) for n, v in quantize_int_affine(weight.float().cpu(), bits, 0).items()}
         w = (t["qweight"], t["scale"], t["zero"], twins.weight_sums(t["qweight"], bits), bits)
         scale, zero = torch.tensor(0.03, device=dev), torch.tensor(121, device=dev)
 
@@ -671,7 +657,7 @@ def conv_candidates(run: Run, weight, gen):
         out[f"vq{books}x8 decode+cuDNN"] = lambda x, a=args: lambda: F.conv2d(
             x, vq_gemm.vq_decode(*a, shape, x.dtype), padding=1)
     for bits, group in ((4, 128), (8, 0)):
-        t = {n: v.to(dev) for n, v in affine_tensors(matrix_view(weight).float().cpu(), bits, group).items()}
+        t = {n: v.to(dev) for n, v in quantize_int_affine(matrix_view(weight).float().cpu(), bits, group).items()}
         args = (t["qweight"], t["scale"], t["zero"], bits, group)
         out[f"int{bits} g{group} decode+cuDNN"] = lambda x, a=args: lambda: F.conv2d(
             x, affine_gemm.affine_decode(*a, shape, x.dtype), padding=1)
@@ -743,6 +729,12 @@ def _gb(b):
     return "–" if b is None else f"{b / 1e9:.2f}"
 
 
+def _table(header, rows) -> list:
+    """Markdown lines of a table (and the blank line after it)."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in rows] + [""])
+
+
 def summary_markdown(result: dict) -> str:
     s = result["sections"]
     lines = [f"# LowBit GPU bench: {result['device']}", "",
@@ -758,35 +750,28 @@ def summary_markdown(result: dict) -> str:
                   f"{fallback['warnings']} warning(s). Shared memory per block: pruning assumes "
                   f"{t.get('shared_limit_used', '–')}, Triton reports {t.get('shared_limit_triton', '–')}.", ""]
     if "unet" in s:
-        lines += ["| UNet format | s/step Triton | × fp16 | s/step torch path | × fp16 | resident GB | peak GB |",
-                  "|---|---|---|---|---|---|---|"]
+        rows = []
         for fmt, row in s["unet"]["formats"].items():
             if "triton" not in row:
-                lines.append(f"| {fmt} | {row.get('skipped', 'failed')} | | | | | |")
+                rows.append([fmt, row.get("skipped", "failed"), "", "", "", "", ""])
                 continue
             tr, ref = row["triton"], row.get("torch_reference", {})
-            lines.append(f"| {fmt} | {tr['s_per_step']:.4f} | {tr.get('ratio_to_fp16', 1):.2f} | "
-                         f"{ref.get('s_per_step', float('nan')):.4f} | {ref.get('ratio_to_fp16', float('nan')):.2f} | "
-                         f"{_gb(row['resident_bytes'])} | {_gb(tr['peak_allocated_bytes'])} |")
-        lines.append("")
+            rows.append([fmt, f"{tr['s_per_step']:.4f}", f"{tr.get('ratio_to_fp16', 1):.2f}",
+                         f"{ref.get('s_per_step', float('nan')):.4f}", f"{ref.get('ratio_to_fp16', float('nan')):.2f}",
+                         _gb(row["resident_bytes"]), _gb(tr["peak_allocated_bytes"])])
+        lines += _table(["UNet format", "s/step Triton", "× fp16", "s/step torch path", "× fp16", "resident GB",
+                         "peak GB"], rows)
     if "lora" in s:
-        lines += ["| format + LoRA | LoRA tensors on | s/step | × same format | × fp16 |", "|---|---|---|---|---|"]
-        for fmt, row in s["lora"]["formats"].items():
-            for key in ("lora_on_cpu", "lora_on_gpu"):
-                if key in row:
-                    r = row[key]
-                    lines.append(f"| {fmt} | {key[8:]} | {r['s_per_step']:.4f} | "
-                                 f"{r['ratio_to_same_format_without_lora']:.2f} | "
-                                 f"{r.get('ratio_to_fp16', float('nan')):.2f} |")
-        lines.append("")
+        rows = [[fmt, key[8:], f"{r['s_per_step']:.4f}", f"{r['ratio_to_same_format_without_lora']:.2f}",
+                 f"{r.get('ratio_to_fp16', float('nan')):.2f}"]
+                for fmt, row in s["lora"]["formats"].items()
+                for key, r in row.items() if key in ("lora_on_cpu", "lora_on_gpu")]
+        lines += _table(["format + LoRA", "LoRA tensors on", "s/step", "× same format", "× fp16"], rows)
     if "kernels" in s:
-        lines += ["| op | shape | kernel | ms | × fp16 |", "|---|---|---|---|---|"]
-        for row in s["kernels"]["rows"]:
-            if "error" in row:
-                lines.append(f"| {row['op']} | {row['shape']} | {row['kernel']} | error | {row['error'][:80]} |")
-            else:
-                lines.append(f"| {row['op']} | {row['shape']} | {row['kernel']} | {row['ms']:.4f} | "
-                             f"{row['ratio_to_fp16']:.2f} |")
+        rows = [[r["op"], r["shape"], r["kernel"], "error", r["error"][:80]] if "error" in r else
+                [r["op"], r["shape"], r["kernel"], f"{r['ms']:.4f}", f"{r['ratio_to_fp16']:.2f}"]
+                for r in s["kernels"]["rows"]]
+        lines += _table(["op", "shape", "kernel", "ms", "× fp16"], rows)
     return "\n".join(lines) + "\n"
 
 

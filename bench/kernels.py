@@ -69,10 +69,12 @@ def _affine_weights(n_out, k, bits, group_size, gen, device):
     return {name: v.to(device) for name, v in t.items()}
 
 
-def _vq_weights(n_out, k, books, gen, device):
+def random_vq(n_out, k, books, gen, device, codebook_std=0.3, scale_range=(0.5, 1.5)):
+    """(codes, codebooks, scales) of the `vq` layout (g = 8) with random codes: for kernel checks and speed."""
     codes = torch.randint(0, 256, (n_out, k // 8, books), generator=gen, dtype=torch.uint8)
-    codebooks = (torch.randn(books, 256, 8, generator=gen) * 0.3).half()
-    scales = (torch.rand(n_out, 1, generator=gen) + 0.5).half()
+    codebooks = (torch.randn(books, 256, 8, generator=gen) * codebook_std).half()
+    low, high = scale_range
+    scales = (torch.rand(n_out, 1, generator=gen) * (high - low) + low).half()
     return codes.to(device), codebooks.to(device), scales.to(device)
 
 
@@ -163,7 +165,7 @@ def check_weight_only(report, device, gen):
                 report.relative("affine_linear", f"{bits} bit, group {group_size}, {dtype}, split-K {split}",
                                 got, want, FP_REL_TOL)
         for books in (2, 3, 4):
-            codes, codebooks, scales = _vq_weights(n_out, k, books, gen, device)
+            codes, codebooks, scales = random_vq(n_out, k, books, gen, device)
             want = twins.vq_linear(x, codes, codebooks, scales, bias)
             for split in (1, 2):
                 got = vq_gemm.vq_linear(x, codes, codebooks, scales, bias, config={**GEMM_CONFIG, "SPLIT_K": split})
@@ -174,7 +176,7 @@ def check_weight_only(report, device, gen):
             args = (w["qweight"], w["scale"], w["zero"], 4, 32, shape, dtype)
             report.exact("affine_decode", f"4 bit, group 32 -> {list(shape)} {dtype}",
                          affine_gemm.affine_decode(*args, **DECODE_BLOCKS), twins.affine_decode(*args))
-            codes, codebooks, scales = _vq_weights(n_out, k, 3, gen, device)
+            codes, codebooks, scales = random_vq(n_out, k, 3, gen, device)
             args = (codes, codebooks, scales, shape, dtype)
             report.exact("vq_decode", f"3 codebooks -> {list(shape)} {dtype}",
                          vq_gemm.vq_decode(*args, **VQ_DECODE_BLOCKS), twins.vq_decode(*args))
@@ -185,7 +187,7 @@ def check_autotuned(report, device, gen):
     from ..kernels import affine_gemm, int8_gemm, vq_gemm
     for m in (77, 300):
         x = torch.randn(m, 1280, generator=gen).to(device, torch.float16)
-        codes, codebooks, scales = _vq_weights(640, 1280, 3, gen, device)
+        codes, codebooks, scales = random_vq(640, 1280, 3, gen, device)
         report.relative("vq_linear", f"autotuned, M={m}", vq_gemm.vq_linear(x, codes, codebooks, scales),
                         twins.vq_linear(x, codes, codebooks, scales), FP_REL_TOL)
         w = _affine_weights(640, 1280, 4, 0, gen, device)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (INTERPRETER_DECODE_BLOCKS, interpreting, launch_weight_only, load_packed_tile, split_k_range,
+from .tiles import (decode_blocks, launch_weight_only, load_packed_tile, split_k_range,
                     store_dense_weight, swizzled_tile, tuned_pair, weight_only_epilogue)
 
 
@@ -73,8 +73,7 @@ def affine_linear(x2, qweight, scale, zero, bits, group_size, bias=None, config=
 
 def affine_decode(qweight, scale, zero, bits, group_size, weight_shape, dtype, block_n=None, block_k=None):
     """Dense weight of logical shape weight_shape ([N, K] or [N, in, kh, kw]) in dtype."""
-    default = INTERPRETER_DECODE_BLOCKS if interpreting() else (32, 128)
-    block_n, block_k = block_n or default[0], block_k or default[1]
+    block_n, block_k = decode_blocks(block_n, block_k, gpu_default=(32, 128))
     n_out, cin = weight_shape[0], weight_shape[1]
     K = qweight.shape[1] * 8 // bits
     out = torch.empty(weight_shape, device=qweight.device, dtype=dtype)

@@ -26,6 +26,7 @@ bench gpu`, bench/results/gpu/): the fused GEMMs' per-tile decode made them 4-12
 M = 16 and 5-24x at M >= 2048, decode + cuBLAS 1.2-4x, so decode + cuBLAS runs everywhere for now.
 Conv2d -> the decode followed by cuDNN.
 """
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -52,6 +53,17 @@ def force_reference(enabled: bool = True) -> None:
 
 def reference_forced() -> bool:
     return _force_reference
+
+
+@contextlib.contextmanager
+def reference_only(enabled: bool = True):
+    """force_reference(enabled) inside a with-block; the previous setting comes back after it."""
+    before = _force_reference
+    force_reference(enabled)
+    try:
+        yield
+    finally:
+        force_reference(before)
 
 
 def kernel_dtypes(capability, dtypes=WEIGHT_ONLY_DTYPES) -> tuple:

@@ -209,6 +209,12 @@ INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}
 INTERPRETER_DECODE_BLOCKS = (64, 64)  # (rows, K-columns or VQ groups) per decode program
 
 
+def decode_blocks(block_a, block_b, gpu_default) -> tuple:
+    """The decode launchers' tile: the caller's, else the GPU default or, under the interpreter, larger tiles."""
+    default = INTERPRETER_DECODE_BLOCKS if interpreting() else gpu_default
+    return block_a or default[0], block_b or default[1]
+
+
 def launch_weight_only(kernel, tuned, x2, n_out, layout_args, layout_meta, scale, bias, config=None):
     """y[M, N] = (x2 @ Ŵᵀ) * scale[n] + bias[n] with one of the weight-only kernels.
 

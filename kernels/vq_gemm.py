@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (INTERPRETER_DECODE_BLOCKS, conv_layout, interpreting, launch_weight_only, split_k_range,
-                    swizzled_tile, tuned_pair, weight_only_epilogue)
+from .tiles import (conv_layout, decode_blocks, launch_weight_only, split_k_range, swizzled_tile, tuned_pair,
+                    weight_only_epilogue)
 
 
 @triton.jit
@@ -90,8 +90,7 @@ def vq_linear(x2, codes, codebooks, scales, bias=None, config=None):
 
 def vq_decode(codes, codebooks, scales, weight_shape, dtype, block_n=None, block_groups=None):
     """Dense scaled weight of logical shape weight_shape ([N, K] or [N, in, kh, kw]) in dtype."""
-    default = INTERPRETER_DECODE_BLOCKS if interpreting() else (16, 32)
-    block_n, block_groups = block_n or default[0], block_groups or default[1]
+    block_n, block_groups = decode_blocks(block_n, block_groups, gpu_default=(16, 32))
     n_out, n_groups = codes.shape[0], codes.shape[1]
     K = n_groups * codebooks.shape[2]
     out = torch.empty(n_out, K, device=codes.device, dtype=dtype)

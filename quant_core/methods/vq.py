@@ -153,11 +153,10 @@ def distill(unet: nn.Module, quantized: dict, calibration, steps: int, lr: float
             groups.append({"params": [master], "lr": lr * master.abs().mean().clamp_min(1e-8).item()})
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.95))
     device = next(unet.parameters()).device
-    was_forced = dispatch.reference_forced()
-    dispatch.force_reference(True)  # the reference decode is differentiable, the fused kernels are not
     losses = []
+    # the reference decode is differentiable, the fused kernels are not
     try:
-        with torch.enable_grad():
+        with dispatch.reference_only(), torch.enable_grad():
             for step in range(steps):
                 i = step % len(calibration)
                 overrides = {key: master for key, (_, master) in masters.items()}
@@ -168,7 +167,6 @@ def distill(unet: nn.Module, quantized: dict, calibration, steps: int, lr: float
                 optimizer.step()
                 losses.append(loss.item())
     finally:
-        dispatch.force_reference(was_forced)
         with torch.no_grad():
             for stored, master in masters.values():
                 stored.copy_(master.to(stored.dtype))
