@@ -1,5 +1,5 @@
 import sys
 
-from .quant_core.cli import main
+from .cli import main
 
 sys.exit(main())

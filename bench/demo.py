@@ -1,6 +1,6 @@
 """The demo job (scripts/demo.sh).
 
-Default: the main job on the embedded default model, the trained testbed shipped in bench/testbed/weights.
+Default: the main job on the embedded default model, the trained testbed shipped in testbed/weights.
 It runs `python -m lowbit bench quality --methods rtn,minmax,vq,dgq,pcr --bits W4A8` (each method quantizes a
 copy of the testbed and samples the same in-domain and held-out prompts with the same seeds as full precision),
 then prints the table (bits/weight, bytes, PSNR / Fréchet distance to fp samples, prompt alignment) and the paths
@@ -50,7 +50,7 @@ def testbed_demo(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "lowbit", "bench", "quality", "--methods", args.methods, "--bits", args.bits,
            "--seed", str(args.seed), "--out", str(out)]
-    print(f"[demo] testbed (bench/testbed/weights/testbed.safetensors): {' '.join(cmd[1:])}", flush=True)
+    print(f"[demo] testbed (testbed/weights/testbed.safetensors): {' '.join(cmd[1:])}", flush=True)
     # progress lines of the benchmark (stderr) pass through; its JSON (stdout) is also written to `out`
     # (run from the folder holding the pack when it is named `lowbit`, as in custom_nodes/lowbit)
     result = subprocess.run(cmd, cwd=REPO.parent if REPO.name == "lowbit" else None, stdout=subprocess.DEVNULL)

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from ..kernels import dispatch
+from ..quant_core import ops
 from ..quant_core.layouts.int_affine import quantize_int_affine
 from .kernels import random_vq
 
@@ -145,13 +146,14 @@ def vq_tensors(n_out, k, books, gen, device) -> dict:
 # ---- correctness ---------------------------------------------------------------------------------------
 
 def correctness(run: Run) -> dict:
-    """Triton kernels vs twins at SDXL shapes (tiny under --dry-run). Row counts the dispatcher sends to the
+    """Triton kernels vs their torch references at SDXL shapes (tiny under --dry-run). Row counts the dispatcher sends to the
     fused weight-only GEMMs (<= 64) and every int8 GEMM go through the autotuned launch paths it uses; larger
     weight-only cases and bf16 use one fixed tile configuration (bench.kernels.GEMM_CONFIG), which checks
     masking, strides and 64-bit offsets at full size without compiling every candidate (the interpreter
     always uses fixed tiles)."""
     import torch
-    from ..kernels import act_quant, affine_gemm, int8_gemm, twins, vq_gemm
+    from ..kernels import act_quant, affine_gemm, int8_gemm, vq_gemm
+    from ..quant_core import reference
     from .kernels import FP_REL_TOL, GEMM_CONFIG, Report
     dev = run.device
     gen = torch.Generator().manual_seed(0)
@@ -175,46 +177,46 @@ def correctness(run: Run) -> dict:
                     args = (t["codes"], t["codebooks"], t["scales"])
                     report.relative("vq_linear", f"{books} codebooks, {case}",
                                     vq_gemm.vq_linear(x, *args, bias, config=tiles(m, dtype)),
-                                    twins.vq_linear(x, *args, bias), FP_REL_TOL)
+                                    reference.vq_linear(x, *args, bias), FP_REL_TOL)
                 for bits, group in ((4, 128), (8, 0)):
                     t = {n: v.to(dev) for n, v in quantize_int_affine(weight, bits, group).items()}
                     args = (t["qweight"], t["scale"], t["zero"], bits, group)
                     report.relative("affine_linear", f"int{bits} g{group}, {case}",
                                     affine_gemm.affine_linear(x, *args, bias, config=tiles(m, dtype)),
-                                    twins.affine_linear(x, *args, bias), FP_REL_TOL)
+                                    reference.affine_linear(x, *args, bias), FP_REL_TOL)
             for books in (2, 3, 4):
                 t = vq_tensors(n_out, k, books, gen, dev)
                 args = (t["codes"], t["codebooks"], t["scales"], (n_out, k), dtype)
                 report.exact("vq_decode", f"{books} codebooks -> [{n_out}, {k}] {dtype}", vq_gemm.vq_decode(*args),
-                             twins.vq_decode(*args))
+                             reference.vq_decode(*args))
             t = {n: v.to(dev) for n, v in quantize_int_affine(weight, 4, 128).items()}
             args = (t["qweight"], t["scale"], t["zero"], 4, 128, (n_out, k), dtype)
             report.exact("affine_decode", f"int4 g128 -> [{n_out}, {k}] {dtype}", affine_gemm.affine_decode(*args),
-                         twins.affine_decode(*args))
+                         reference.affine_decode(*args))
         # the integer path, W8A8 and W4A8: dynamic per-row activations with an fp32 output (exact integer
         # accumulation, fixed tiles) and static per-tensor ones with an fp16 output (autotuned, as layers run)
         for bits in (8, 4):
             t = {n: v.to(dev) for n, v in quantize_int_affine(weight, bits, 0).items()}
-            wsum = twins.weight_sums(t["qweight"], bits)
+            wsum = reference.weight_sums(t["qweight"], bits)
             for m in ms:
                 x = (torch.randn(m, k, generator=gen) * 2).to(dev, torch.float16)
                 case = f"W{bits}A8 M={m} N={n_out} K={k}"
                 got = act_quant.quantize_dynamic_rows(x, 8)
-                want = twins.quantize_dynamic_rows(x, 8)
+                want = reference.quantize_dynamic_rows(x, 8)
                 report.exact("quantize_dynamic_rows", f"{case}: codes", got[0], want[0])
                 y = int8_gemm.int8_linear(*got, t["qweight"], t["scale"], t["zero"], wsum, bits, 0, None,
                                           torch.float32, config=GEMM_CONFIG)
                 report.rounding("int8_linear", f"{case}, dynamic rows, fp32 out", y,
-                                twins.int8_linear(want[0], want[2], want[3], t["qweight"], t["scale"], t["zero"],
+                                reference.int8_linear(want[0], want[2], want[3], t["qweight"], t["scale"], t["zero"],
                                                   bits, 0, None, torch.float32))
                 scale, zero = torch.tensor(0.03, device=dev), torch.tensor(121, device=dev)
                 xq, xsum = act_quant.quantize_static(x, scale, zero, 8)
                 report.exact("quantize_static", f"{case}: per-tensor codes", xq,
-                             twins.quantize_static(x, scale, zero, 8)[0])
+                             reference.quantize_static(x, scale, zero, 8)[0])
                 y = int8_gemm.int8_linear(xq, xsum, scale, zero, t["qweight"], t["scale"], t["zero"], wsum, bits, 0,
                                           None, torch.float16)
                 report.relative("int8_linear", f"{case}, per tensor, fp16 out (autotuned)", y,
-                                twins.int8_linear(xq, scale, zero, t["qweight"], t["scale"], t["zero"], bits, 0,
+                                reference.int8_linear(xq, scale, zero, t["qweight"], t["scale"], t["zero"], bits, 0,
                                                   None, torch.float16), FP_REL_TOL)
         if run.left() < 0:
             break
@@ -227,7 +229,7 @@ def correctness(run: Run) -> dict:
 # ---- the whole UNet --------------------------------------------------------------------------------------
 
 def import_comfy(run: Run):
-    from .testbed.model import import_comfy as import_comfy_on
+    from ..testbed.model import import_comfy as import_comfy_on
     return import_comfy_on(run.dry)
 
 
@@ -266,7 +268,8 @@ def quantize_unet(unet, fmt: str, seed: int):
     from ..quant_core.actquant import prepare_unet
     from ..quant_core.actquant.layers import make_act_layer
     from ..quant_core.actquant.params import single_range
-    from ..quant_core.api import quantize, set_submodule
+    from ..quant_core.api import quantize
+    from ..quant_core.qlayers import set_submodule
     from ..quant_core.methods.rtn import RTNConfig
     from ..quant_core.qlayers import make_quantized_layer, matrix_view
     from ..quant_core.selection import select_layers
@@ -297,7 +300,7 @@ def kernels_on_cpu(run: Run):
     original = dispatch.kernels_usable
 
     def usable(x, dtypes=dispatch.WEIGHT_ONLY_DTYPES):
-        return not dispatch.reference_forced() and x.dtype in dtypes
+        return x.dtype in dtypes
     dispatch.kernels_usable = usable
     try:
         yield
@@ -375,9 +378,7 @@ def save_unet(run: Run, inputs, rows: dict) -> None:
 def unet_section(run: Run, formats, lora_state: dict) -> list:
     """Per format: resident VRAM, s/step (Triton, torch reference) and peak VRAM; fp16 first (the baseline
     and the layer shapes of the kernel timings)."""
-    from ..quant_core.actquant.layers import set_execution_mode
     from ..quant_core.qlayers import QuantizedLayer
-    set_execution_mode("real")  # integer kernels for W·A8 layers (the default simulates in fp)
     inputs = unet_inputs(run)
     base = allocated_bytes(run)
     rows, shapes = {}, None
@@ -399,12 +400,12 @@ def unet_section(run: Run, formats, lora_state: dict) -> list:
         with kernels_on_cpu(run):
             row["triton"] = step_timing(run, unet, inputs, repeat)
             if fmt != "fp16":
-                with dispatch.reference_only():
+                with ops.reference_only():
                     row["torch_reference"] = step_timing(run, unet, inputs, max(2, repeat // 2))
             if fmt in lora_state.get("formats", ()):
                 lora_state["results"][fmt] = lora_steps(run, unet, inputs, repeat)
         # a kernel that failed fell back to the torch reference (one warning): its Triton time is not Triton's
-        row["kernel_failures"] = {" / ".join(map(str, k)): v for k, v in dispatch.kernel_failures().items()}
+        row["kernel_failures"] = {" / ".join(map(str, k)): v for k, v in ops.kernel_failures().items()}
         rows[fmt] = row
         print(json.dumps({"unet": fmt, **row}), flush=True)
         del unet
@@ -559,13 +560,13 @@ def targets_section(run: Run) -> dict:
             for _ in range(3):
                 x = torch.randn(2, 100, 640).to(run.device, torch.float16)
                 y = layer(x)
-                with dispatch.reference_only():
+                with ops.reference_only():
                     equal.append(bool(torch.equal(y, layer(x))))
     finally:
         affine_gemm.affine_decode = decode
         logging.getLogger().removeHandler(handler)
-        dispatch.forget_kernel_failure("affine_decode", x.device, torch.float16)
-    lowbit_warnings = [w for w in warnings if "LowBit: Triton kernel" in w]
+        ops.forget_kernel_failure("affine_decode", x.device, torch.float16)
+    lowbit_warnings = [w for w in warnings if "LowBit: kernel" in w]
     out["forced_fallback"] = {"outputs_equal_reference": equal, "warnings": len(lowbit_warnings),
                               "pass": all(equal) and len(lowbit_warnings) == 1}
     return out
@@ -593,7 +594,8 @@ def linear_candidates(run: Run, weight, gen):
     """{name: prepare(x) -> run()} of the quantized implementations of one Linear (fp16 weight [N, K])."""
     import torch
     import torch.nn.functional as F
-    from ..kernels import act_quant, affine_gemm, int8_gemm, twins, vq_gemm
+    from ..kernels import act_quant, affine_gemm, int8_gemm, vq_gemm
+    from ..quant_core import reference
     dev = run.device
     n_out, k = weight.shape
     out = {}
@@ -611,7 +613,7 @@ def linear_candidates(run: Run, weight, gen):
             x, affine_gemm.affine_decode(*a, (n_out, k), x.dtype))
     for bits in (8, 4):
         t = {n: v.to(dev) for n, v in quantize_int_affine(weight.float().cpu(), bits, 0).items()}
-        w = (t["qweight"], t["scale"], t["zero"], twins.weight_sums(t["qweight"], bits), bits)
+        w = (t["qweight"], t["scale"], t["zero"], reference.weight_sums(t["qweight"], bits), bits)
         scale, zero = torch.tensor(0.03, device=dev), torch.tensor(121, device=dev)
 
         def static(x, w=w, scale=scale, zero=zero):
@@ -665,7 +667,7 @@ def conv_candidates(run: Run, weight, gen):
 
 
 def conv_int8_candidates(run: Run, module):
-    """W8A8 / W4A8 Conv2d as the W·A8 layers run it (im2col + act quant + int8 GEMM, dispatch.int8_conv2d)."""
+    """W8A8 / W4A8 Conv2d as the W·A8 layers run it (im2col + act quant + int8 GEMM, lowbit.quant_core.ops.int8_conv2d)."""
     from ..quant_core.actquant.layers import make_act_layer
     from ..quant_core.actquant.params import single_range
     out = {}
@@ -678,8 +680,6 @@ def conv_int8_candidates(run: Run, module):
 def kernels_section(run: Run, layer_shapes) -> dict:
     import torch
     import torch.nn.functional as F
-    from ..quant_core.actquant.layers import set_execution_mode
-    set_execution_mode("real")
     gen = torch.Generator().manual_seed(2)
     rows, skipped = [], []
     keys = distinct_shapes(layer_shapes)
@@ -793,6 +793,12 @@ def add_arguments(parser):
 
 
 def run(args):
+    from ..quant_core.actquant import execution
+    with execution("real"):  # integer kernels for W·A8 layers (outside this block they simulate in fp)
+        return _run_sections(args)
+
+
+def _run_sections(args):
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         if "triton" in sys.modules:  # the interpreter must be chosen before Triton is imported
             env = dict(os.environ, TRITON_INTERPRET="1")

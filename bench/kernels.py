@@ -1,7 +1,7 @@
-"""Correctness checks of the LowBit Triton kernels against their torch twins.
+"""Correctness checks of the LowBit Triton kernels against their torch references (lowbit.quant_core.reference).
 
     python -m lowbit.bench.kernels --check [--device cpu|cuda]
-        Runs every kernel against its plain-torch twin (lowbit.kernels.twins) at small shapes and prints a
+        Runs every kernel against its plain-torch reference (lowbit.quant_core.reference) at small shapes and prints a
         JSON report (max abs error, tolerance, pass per case); exit status 1 if a case fails. On cpu the
         kernels run under the Triton interpreter: TRITON_INTERPRET=1 is set before Triton is imported, or
         the check re-runs itself in a fresh interpreter where that is no longer possible.
@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from ..kernels import twins
+from ..quant_core import reference
 from ..quant_core.layouts.int_affine import quantize_int_affine
 from ..quant_core.packing import pack_bits
 
@@ -92,16 +92,16 @@ def check_act_quant(report, device, gen):
     for case, scale, zero, bits, group_k, p in cases:
         scale, zero = scale.to(device), zero.to(device)
         got = act_quant.quantize_static(x, scale, zero, bits, group_k, p, **QUANT_BLOCKS)
-        want = twins.quantize_static(x, scale, zero, bits, group_k, p)
+        want = reference.quantize_static(x, scale, zero, bits, group_k, p)
         report.exact("quantize_static", case + ": codes", got[0], want[0])
         report.exact("quantize_static", case + ": code sums", got[1], want[1])
     ties = (torch.arange(-48, 48, device=device, dtype=torch.float32) * 0.5).reshape(2, 48)
     report.exact("quantize_static", "half-way values round to even",
                  act_quant.quantize_static(ties, torch.tensor(1.0), torch.tensor(128), 8)[0],
-                 twins.quantize_static(ties, torch.tensor(1.0), torch.tensor(128), 8)[0])
+                 reference.quantize_static(ties, torch.tensor(1.0), torch.tensor(128), 8)[0])
     for case, p in (("8 bit", None), ("8 bit, permuted", perm)):
         got = act_quant.quantize_dynamic_rows(x, 8, p, **QUANT_BLOCKS)
-        want = twins.quantize_dynamic_rows(x, 8, p)
+        want = reference.quantize_dynamic_rows(x, 8, p)
         for name, g, w in zip(("codes", "code sums", "scales", "zeros"), got, want):
             report.exact("quantize_dynamic_rows", f"{case}: {name}", g, w)
 
@@ -117,19 +117,19 @@ def check_int8_gemm(report, device, gen):
                                            ("per K-group of 48 (BLOCK_K 32)", 48, (1, 4))):
             scale = (torch.rand(scale_shape, generator=gen) * 0.05 + 0.01).to(device)
             zero = torch.randint(0, 256, scale_shape, generator=gen).to(device)
-            xq, xsum = twins.quantize_static(x, scale, zero, 8, group_k)
-            wsum = twins.weight_sums(w["qweight"], bits, group_k)
+            xq, xsum = reference.quantize_static(x, scale, zero, 8, group_k)
+            wsum = reference.weight_sums(w["qweight"], bits, group_k)
             # unit scales and fp32 output expose the corrected int32 accumulators exactly (|acc| < 2^24)
             ones = torch.ones(1, 1, device=device)
             acc = int8_gemm.int8_linear(xq, xsum, ones, zero, w["qweight"], torch.ones_like(w["scale"]), w["zero"],
                                         wsum, bits, group_k, None, torch.float32, config=GEMM_CONFIG)
-            want_acc = twins.int8_accumulators(xq, zero, w["qweight"], w["zero"], bits, group_k).sum(-1)
+            want_acc = reference.int8_accumulators(xq, zero, w["qweight"], w["zero"], bits, group_k).sum(-1)
             report.exact("int8_linear", f"{label} {case}: int32 accumulators", acc, want_acc)
             bias = torch.randn(n_out, generator=gen).to(device, torch.float16)
             for out_dtype in (torch.float32, torch.float16):
                 got = int8_gemm.int8_linear(xq, xsum, scale, zero, w["qweight"], w["scale"], w["zero"], wsum, bits,
                                             group_k, bias, out_dtype, config=GEMM_CONFIG)
-                want = twins.int8_linear(xq, scale, zero, w["qweight"], w["scale"], w["zero"], bits, group_k, bias,
+                want = reference.int8_linear(xq, scale, zero, w["qweight"], w["scale"], w["zero"], bits, group_k, bias,
                                          out_dtype)
                 if out_dtype == torch.float32:
                     report.rounding("int8_linear", f"{label} {case}: fp32 output", got, want)
@@ -144,9 +144,9 @@ def check_int8_gemm(report, device, gen):
     ones = torch.ones(1, 1, device=device)
     got = int8_gemm.int8_linear(xq, xq.int().sum(1, keepdim=True, dtype=torch.int32), ones, x_zero, qweight,
                                 torch.ones(n_out, 1, device=device, dtype=torch.float16), w_zero,
-                                twins.weight_sums(qweight, 8), 8, 0, None, torch.float32, config=GEMM_CONFIG)
+                                reference.weight_sums(qweight, 8), 8, 0, None, torch.float32, config=GEMM_CONFIG)
     report.exact("int8_linear", "W8A8 extreme codes: int32 accumulators", got,
-                 twins.int8_accumulators(xq, x_zero, qweight, w_zero, 8).sum(-1))
+                 reference.int8_accumulators(xq, x_zero, qweight, w_zero, 8).sum(-1))
 
 
 def check_weight_only(report, device, gen):
@@ -159,14 +159,14 @@ def check_weight_only(report, device, gen):
         for bits, group_size in ((4, 0), (4, 32), (3, 32), (8, 0), (2, 16)):
             w = _affine_weights(n_out, k, bits, group_size, gen, device)
             args = (w["qweight"], w["scale"], w["zero"], bits, group_size)
-            want = twins.affine_linear(x, *args, bias)
+            want = reference.affine_linear(x, *args, bias)
             for split in (1, 2):
                 got = affine_gemm.affine_linear(x, *args, bias, config={**GEMM_CONFIG, "SPLIT_K": split})
                 report.relative("affine_linear", f"{bits} bit, group {group_size}, {dtype}, split-K {split}",
                                 got, want, FP_REL_TOL)
         for books in (2, 3, 4):
             codes, codebooks, scales = random_vq(n_out, k, books, gen, device)
-            want = twins.vq_linear(x, codes, codebooks, scales, bias)
+            want = reference.vq_linear(x, codes, codebooks, scales, bias)
             for split in (1, 2):
                 got = vq_gemm.vq_linear(x, codes, codebooks, scales, bias, config={**GEMM_CONFIG, "SPLIT_K": split})
                 report.relative("vq_linear", f"{books} codebooks, {dtype}, split-K {split}", got, want, FP_REL_TOL)
@@ -175,11 +175,11 @@ def check_weight_only(report, device, gen):
             w = _affine_weights(n_out, k, 4, 32, gen, device)
             args = (w["qweight"], w["scale"], w["zero"], 4, 32, shape, dtype)
             report.exact("affine_decode", f"4 bit, group 32 -> {list(shape)} {dtype}",
-                         affine_gemm.affine_decode(*args, **DECODE_BLOCKS), twins.affine_decode(*args))
+                         affine_gemm.affine_decode(*args, **DECODE_BLOCKS), reference.affine_decode(*args))
             codes, codebooks, scales = random_vq(n_out, k, 3, gen, device)
             args = (codes, codebooks, scales, shape, dtype)
             report.exact("vq_decode", f"3 codebooks -> {list(shape)} {dtype}",
-                         vq_gemm.vq_decode(*args, **VQ_DECODE_BLOCKS), twins.vq_decode(*args))
+                         vq_gemm.vq_decode(*args, **VQ_DECODE_BLOCKS), reference.vq_decode(*args))
 
 
 def check_autotuned(report, device, gen):
@@ -189,16 +189,16 @@ def check_autotuned(report, device, gen):
         x = torch.randn(m, 1280, generator=gen).to(device, torch.float16)
         codes, codebooks, scales = random_vq(640, 1280, 3, gen, device)
         report.relative("vq_linear", f"autotuned, M={m}", vq_gemm.vq_linear(x, codes, codebooks, scales),
-                        twins.vq_linear(x, codes, codebooks, scales), FP_REL_TOL)
+                        reference.vq_linear(x, codes, codebooks, scales), FP_REL_TOL)
         w = _affine_weights(640, 1280, 4, 0, gen, device)
         args = (w["qweight"], w["scale"], w["zero"], 4, 0)
         report.relative("affine_linear", f"autotuned, M={m}", affine_gemm.affine_linear(x, *args),
-                        twins.affine_linear(x, *args), FP_REL_TOL)
-        xq, xsum, sx, zx = twins.quantize_dynamic_rows(x, 8)
+                        reference.affine_linear(x, *args), FP_REL_TOL)
+        xq, xsum, sx, zx = reference.quantize_dynamic_rows(x, 8)
         w8 = _affine_weights(640, 1280, 8, 0, gen, device)
         got = int8_gemm.int8_linear(xq, xsum, sx, zx, w8["qweight"], w8["scale"], w8["zero"],
-                                    twins.weight_sums(w8["qweight"], 8), 8, 0, None, torch.float32)
-        want = twins.int8_linear(xq, sx, zx, w8["qweight"], w8["scale"], w8["zero"], 8, 0, None, torch.float32)
+                                    reference.weight_sums(w8["qweight"], 8), 8, 0, None, torch.float32)
+        want = reference.int8_linear(xq, sx, zx, w8["qweight"], w8["scale"], w8["zero"], 8, 0, None, torch.float32)
         report.rounding("int8_linear", f"autotuned W8A8, M={m}", got, want)
 
 
@@ -244,7 +244,7 @@ def run(args):
     if args.check:
         return check_main(args.device)
     print("kernel timings are the `kernels` section of `python -m lowbit bench gpu` (needs a CUDA GPU; "
-          "nothing was measured); `bench kernels --check` compares the kernels with their twins", file=sys.stderr)
+          "nothing was measured); `bench kernels --check` compares the kernels with their torch references", file=sys.stderr)
     return 2
 
 

@@ -40,25 +40,21 @@ GRID_PER_SPLIT = 4
 
 def method_config(method: str, weight_bits: int, act_bits):
     """(config, note) of `method` at the setting; config None when the method does not apply."""
-    from ..quant_core.methods.dgq import DGQConfig
-    from ..quant_core.methods.minmax import MinMaxConfig
-    from ..quant_core.methods.pcr import PCRConfig
-    from ..quant_core.methods.rtn import RTNConfig
+    from ..quant_core.methods import config_from
     if method == "rtn":
-        return RTNConfig(bits=weight_bits), None if act_bits is None else f"weight-only: runs at W{weight_bits}"
+        return config_from("rtn", bits=weight_bits), \
+            None if act_bits is None else f"weight-only: runs at W{weight_bits}"
     if method == "vq":
-        from ..quant_core.methods.vq import VQConfig
         codebooks = min((2, 3, 4), key=lambda m: abs(m - weight_bits))  # m codebooks: m code bits per weight
         # shortened search (one beam round) to fit the bench's CPU budget; the format is the full one
-        return VQConfig(num_codebooks=codebooks, **VQ_BENCH_EFFORT), \
+        return config_from("vq", num_codebooks=codebooks, **VQ_BENCH_EFFORT), \
             f"weight-only, nearest format {codebooks}x8g8, shortened search {VQ_BENCH_EFFORT}, XᵀX from every " \
             f"{VQ_SAMPLE_STRIDE}th calibration sample"
     if act_bits is None:
         return None, f"{method} quantizes activations: give W{weight_bits}A<bits>"
     if method == "dgq_fp_attention":
-        return DGQConfig(weight_bits=weight_bits, act_bits=act_bits, quantize_attention=False), None
-    config_type = {"minmax": MinMaxConfig, "dgq": DGQConfig, "pcr": PCRConfig}[method]
-    return config_type(weight_bits=weight_bits, act_bits=act_bits), None
+        return config_from("dgq", weight_bits=weight_bits, act_bits=act_bits, quantize_attention=False), None
+    return config_from(method, weight_bits=weight_bits, act_bits=act_bits), None
 
 
 @dataclass
@@ -73,7 +69,7 @@ class Testbed:
     cfg: float
 
     def sample(self, unet, prompts, seed):
-        from .testbed.sample import sample
+        from ..testbed.sample import sample
         return sample(unet, self.text_encoder, self.tokenizer, prompts, seed, self.steps, self.cfg)
 
     def samples(self, unet) -> dict:
@@ -81,7 +77,7 @@ class Testbed:
 
     def metrics(self, samples: dict, reference: dict) -> dict:
         import torch
-        from ..quant_core.testbed.metrics import frechet_distance, psnr
+        from ..testbed.metrics import frechet_distance, psnr
         out = {}
         with torch.no_grad():
             for split, images in samples.items():
@@ -93,22 +89,22 @@ class Testbed:
         return out
 
     def calibration(self, n_prompts: int):
-        """Calibration record of the fp model on other in-domain prompts, with its sampler for PCR."""
-        from ..quant_core.calibration import record_unet_calls
-        from ..quant_core.methods.pcr import SAMPLER_KEY
-        from ..quant_core.testbed.data import in_domain_prompts
+        """Calibration record of the fp model on other in-domain prompts (its settings name them)."""
+        from ..quant_core.calib.record import record_unet_calls
+        from ..testbed.data import in_domain_prompts
         prompts = in_domain_prompts(n_prompts, self.seed + 1000)
+        return record_unet_calls(self.unet, lambda: self.sample(self.unet, prompts, self.seed + 1000),
+                                 {"prompts": prompts, "steps": self.steps, "cfg": self.cfg, "seed": self.seed + 1000})
 
-        def sampler(unet):
-            self.sample(unet, prompts, self.seed + 1000)
-        return record_unet_calls(self.unet, lambda: sampler(self.unet),
-                                 {SAMPLER_KEY: sampler, "prompts": prompts, "steps": self.steps, "cfg": self.cfg,
-                                  "seed": self.seed + 1000})
+    def calibration_sampler(self, calibration):
+        """sampler(unet) running the calibration prompts of `calibration` as it was recorded (PCR samples)."""
+        settings = calibration.settings
+        return lambda unet: self.sample(unet, settings["prompts"], settings["seed"])
 
 
 def every_nth_sample(calibration, stride: int):
     """The calibration record with every `stride`-th batch item of each call (settings kept)."""
-    from ..quant_core.calibration import CalibrationRecord
+    from ..quant_core.calib.record import CalibrationRecord
     return CalibrationRecord([{k: t[::stride] for k, t in call.items()} for call in calibration.inputs],
                              settings=calibration.settings)
 
@@ -134,8 +130,8 @@ def write_report(benchmark: str, args, body: dict, start: float, rows: dict, tes
 
 
 def load_testbed_run(n: int, seed: int, steps: int, cfg: float) -> Testbed:
-    from ..quant_core.testbed.data import held_out_prompts, in_domain_prompts
-    from .testbed.model import load_classifier, load_testbed
+    from ..testbed.data import held_out_prompts, in_domain_prompts
+    from ..testbed.model import load_classifier, load_testbed
     unet, text_encoder, tokenizer, _ = load_testbed()
     return Testbed(unet, text_encoder, tokenizer, load_classifier(),
                    {"in_domain": in_domain_prompts(n, seed), "held_out": held_out_prompts(n, seed)}, seed, steps, cfg)
@@ -154,13 +150,14 @@ def size_stats(unet) -> dict:
 
 def quantized_copy(testbed: Testbed, config, calibration):
     from ..quant_core.api import quantize
-    return quantize(copy.deepcopy(testbed.unet), config, calibration)
+    sampler = None if calibration is None else testbed.calibration_sampler(calibration)
+    return quantize(copy.deepcopy(testbed.unet), config, calibration, sampler=sampler)
 
 
 def save_rows_grid(rows: dict, testbed: Testbed, path) -> None:
     """PNG: one row per entry of `rows` (name -> samples per split), first GRID_PER_SPLIT of each split."""
     import torch
-    from .testbed.sample import save_grid
+    from ..testbed.sample import save_grid
     images, labels = [], []
     for name, samples in rows.items():
         for split in SPLITS:

@@ -4,14 +4,14 @@
 after the layer's channel permutation). `quantize_dynamic_rows`: per-row min-max computed on the fly.
 Both write the stored int8 codes (unsigned code − 128, see twins) and the per-row, per-group sums of those
 codes, which the GEMM epilogue needs for the weight zero-point term. Optional `perm` gathers the input
-channels in the order the weight's K was permuted to. Twins: lowbit.kernels.twins.quantize_static /
+channels in the order the weight's K was permuted to. Twins: lowbit.quant_core.reference.quantize_static /
 quantize_dynamic_rows; outputs are bit-identical (IEEE division via tl.div_rn, round half to even).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .twins import ACT_OFFSET
+from ..quant_core.reference import ACT_OFFSET
 
 STORED_OFFSET = tl.constexpr(ACT_OFFSET)
 

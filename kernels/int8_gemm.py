@@ -8,7 +8,7 @@ int32, then applies the zero-point terms exactly in int32,
     acc_g = Σ xq·wq − zw·Σ xq − zx·Σ wq + K_g·zx·zw   (codes as fed to the dot: x − 128, w − weight_offset),
 and adds sx[m, g]·acc_g into an fp32 tile; the epilogue multiplies by the weight scale and adds the bias.
 Every partial result stays within 255² · K_g, which must fit int32: K_g <= 33025 (SDXL's largest K is 23040).
-Twin: lowbit.kernels.twins.int8_linear (exact int64 accumulators).
+Twin: lowbit.quant_core.reference.int8_linear (exact int64 accumulators).
 """
 import torch
 import triton
@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .tiles import (INTERPRETER_CONFIG, interpreting, load_packed_tile, quick_bench, shared_memory_prune,
                     swizzled_tile)
-from .twins import ACT_OFFSET, weight_offset
+from ..quant_core.reference import ACT_OFFSET, weight_offset
 
 MAX_GROUP_K = 33025
 X_OFFSET = tl.constexpr(ACT_OFFSET)

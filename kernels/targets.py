@@ -93,7 +93,7 @@ def _weight_only_gemm_cases():
 
 def _int8_cases():
     from .int8_gemm import _INT8_CONFIGS
-    from .twins import weight_offset
+    from ..quant_core.reference import weight_offset
     out = []
     for i, config in enumerate(_INT8_CONFIGS):
         dtype, bits = (("float16", 8), ("float32", 4), ("bfloat16", 8))[i % 3]

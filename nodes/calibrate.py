@@ -9,7 +9,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..quant_core.calibration import CalibrationRecord, record_unet_calls
+from ..quant_core.calib.record import CalibrationRecord, record_unet_calls
 from ..quant_core.errors import LowBitError
 from .sampling import empty_latent, sample, sampling_inputs
 from .types import Calibration

@@ -18,7 +18,7 @@ from comfy.model_patcher import LowVramPatch
 from comfy.patcher_extension import CallbacksMP
 
 from ..quant_core.actquant import prepare_unet
-from ..quant_core.api import set_submodule
+from ..quant_core.qlayers import set_submodule
 from ..quant_core.arch import detect_unet_config
 from ..quant_core.errors import LowBitError, UnsupportedModelError
 from ..quant_core.fileformat import DENSE_DTYPE

@@ -6,7 +6,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..quant_core.fileformat import module_summary
-from ..quant_core.testbed.metrics import psnr
+from ..testbed.metrics import psnr
 from .comfy_model import LOWBIT_ATTR
 from .sampling import empty_latent, sample, sampling_inputs
 

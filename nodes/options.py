@@ -60,8 +60,7 @@ class LowBitVQOptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, format, beam_size, max_rounds, distill_steps, seed, layers) -> io.NodeOutput:
-        num_codebooks = int(format.split("x")[0])
-        return io.NodeOutput(QuantOptions("vq", {"num_codebooks": num_codebooks, "beam_size": beam_size,
+        return io.NodeOutput(QuantOptions("vq", {"format": format, "beam_size": beam_size,
                                                  "max_rounds": max_rounds, "distill_steps": distill_steps,
                                                  "seed": seed}, layers))
 

@@ -1,7 +1,5 @@
-import dataclasses
 import logging
 import os
-import re
 import time
 
 import comfy.model_management
@@ -11,10 +9,8 @@ from comfy_api.latest import io
 from ..quant_core.api import quantize_layers_of
 from ..quant_core.errors import LowBitError
 from ..quant_core.layouts.int_affine import SUPPORTED_BITS
-from ..quant_core.methods import get_method
-from ..quant_core.resume import LayerCheckpoint, run_key
-from ..quant_core.selection import select_layers
-from ..quant_core.trajectory import trajectory_sampler
+from ..quant_core.methods import config_from, get_method
+from ..quant_core.selection import choose_layers, select_layers
 from .comfy_model import build_model, check_sdxl_model, dense_state, source_layers
 from .options import QuantOptions
 from .progress import comfy_progress
@@ -30,26 +26,11 @@ def method_config(method: str, bits: int, group_size: int, options: QuantOptions
     if options.method != method:
         raise LowBitError(f"LowBitQuantizeUNet: the connected options are for {options.method} but method is "
                           f"{method}; set method to {options.method} or connect {method}'s options node")
-    config_type = get_method(method).config_type
     if method == "rtn":
-        return config_type(bits=bits, group_size=group_size)
+        return config_from("rtn", bits=bits, group_size=group_size)
     if method == "minmax":
-        return config_type(weight_bits=bits, act_bits=8)
-    return config_type(**options.config)
-
-
-def _layer_filter(layers: dict, pattern: str) -> dict:
-    if not pattern:
-        return layers
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise LowBitError(f"options: layers pattern {pattern!r} is not a valid regular expression ({e})") from None
-    chosen = {name: m for name, m in layers.items() if regex.search(name)}
-    if not chosen:
-        raise LowBitError(f"options: layers pattern {pattern!r} matches none of the {len(layers)} quantizable "
-                          "layers (names like 'output_blocks.2.1.transformer_blocks.0.attn1.to_q')")
-    return chosen
+        return config_from("minmax", weight_bits=bits, act_bits=8)
+    return config_from(method, **options.config)
 
 
 class LowBitQuantizeUNet(io.ComfyNode):
@@ -108,29 +89,22 @@ class LowBitQuantizeUNet(io.ComfyNode):
             # every method restores the modules it swaps, so the MODEL computes what it did before
             comfy.model_management.load_models_gpu([model])
             unet = model.model.diffusion_model
-            layers = _layer_filter(select_layers(unet), options.layers)
+            layers = choose_layers(select_layers(unet), options.layers)
         else:
-            unet, layers = None, _layer_filter(source_layers(model), options.layers)
+            unet, layers = None, choose_layers(source_layers(model), options.layers)
         described = quant_method.describe(config)
-        key = run_key(method, described, layers, calibration.path if record is not None else "")
-        folder = os.path.join(folder_paths.get_output_directory(), CHECKPOINT_FOLDER, f"{method}_{key}")
-        if method == "pcr":
-            record.settings["sampler"] = trajectory_sampler(record)  # in memory only: re-runs the trajectories
-            config = dataclasses.replace(config, checkpoint=folder + ".safetensors")
-            os.makedirs(os.path.dirname(folder), exist_ok=True)
         logging.info(f"LowBit: quantizing {len(layers)} layers with {method} {described}"
                      + (f" on {len(record)} calibration calls" if record is not None else " (data-free)"))
         t0 = time.perf_counter()
-        checkpoint = LayerCheckpoint(folder, method, described)
+        # resumable: an interrupted run goes on from its checkpoint under output/lowbit_checkpoints when
+        # queued again (PCR re-samples the record's own trajectories: the API's default sampler)
         qlayers = quantize_layers_of(unet, layers, config, record, progress=comfy_progress("quantize"),
-                                     checkpoint=checkpoint)
+                                     resume=os.path.join(folder_paths.get_output_directory(), CHECKPOINT_FOLDER),
+                                     calibration_id=calibration.path if record is not None else "")
         logging.info(f"LowBit: quantized in {time.perf_counter() - t0:.1f} s")
         info = {"method": method, "method_config": described, "arch": unet_config.pop("arch"),
                 "unet_config": unet_config}
         out = build_model(qlayers, dense_state(model, qlayers, with_patches=True), info,
                           model_config=model.model.model_config)
         out.model_options = model.clone().model_options  # keep the MODEL's sampler/attention patches
-        checkpoint.clear()
-        if method == "pcr" and os.path.exists(config.checkpoint):
-            os.remove(config.checkpoint)
         return io.NodeOutput(out)

@@ -2,11 +2,11 @@ import logging
 
 from comfy_api.latest import io
 
-from ..bench.testbed.model import TESTBED_WEIGHTS, WEIGHTS_DIR, comfy_testbed_objects, read_metadata
+from ..testbed.model import TESTBED_WEIGHTS, WEIGHTS_DIR, comfy_testbed_objects, read_metadata
 
 
 def testbed_weight_files() -> list[str]:
-    """The testbed model files shipped in bench/testbed/weights (safetensors whose metadata describes a UNet)."""
+    """The testbed model files shipped in testbed/weights (safetensors whose metadata describes a UNet)."""
     names = []
     for path in sorted(WEIGHTS_DIR.glob("*.safetensors")):
         try:
@@ -31,8 +31,8 @@ class LowBitTestbedLoader(io.ComfyNode):
                         "'a small red circle top left on green'.",
             inputs=[io.Combo.Input("weights", options=files,
                                    default=TESTBED_WEIGHTS.name if TESTBED_WEIGHTS.name in files else files[0],
-                                   tooltip="Testbed weights from the pack's bench/testbed/weights folder "
-                                           "(testbed.safetensors: trained by bench/testbed/train.py).")],
+                                   tooltip="Testbed weights from the pack's testbed/weights folder "
+                                           "(testbed.safetensors: trained by testbed/train.py).")],
             outputs=[
                 io.Model.Output(display_name="MODEL",
                                 tooltip="The testbed UNet for KSampler and LowBit's quantize/compare nodes."),

@@ -3,39 +3,61 @@ from typing import Optional
 
 from torch import nn
 
-from .methods import Method, ProgressFn, method_for_config
-from .resume import LayerCheckpoint, quantize_in_parts
-from .selection import select_layers
+from .calib.resume import Checkpoint, quantize_in_parts
+from .calib.trajectory import trajectory_sampler
+from .errors import LowBitError
+from .methods import ProgressFn, method_for_config
+from .qlayers import set_submodule
+from .selection import choose_layers, select_layers
 
 
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+def _default_sampler(method: str, calibration):
+    """sampler(unet) re-running the record's own trajectories, for methods that sample (PCR)."""
+    try:
+        return trajectory_sampler(calibration)
+    except (LowBitError, TypeError, AttributeError) as e:
+        raise LowBitError(f"{method} samples during calibration: pass sampler= (a callable sampler(unet) running "
+                          f"the calibration prompts) or a record whose trajectories can be re-run ({e})") from None
 
 
 def quantize_layers_of(unet: Optional[nn.Module], layers: dict, config, calibration=None,
-                       progress: Optional[ProgressFn] = None, checkpoint: Optional[LayerCheckpoint] = None) -> dict:
+                       progress: Optional[ProgressFn] = None, resume: Optional[str] = None, sampler=None,
+                       calibration_id: str = "") -> dict:
     """name -> QuantizedLayer for `layers` (name -> module); `unet` is None when only weights are at hand.
-    With `checkpoint`, methods whose layers are independent (no model run) save finished layers as they go
-    and skip those a previous, interrupted run finished; methods that run the model keep their own
-    checkpoints (PCR: its config's `checkpoint` file)."""
+
+    resume: a folder; the run keeps its checkpoint in a subfolder named by the method, its config, the layers'
+    weights and `calibration_id` (lowbit.quant_core.calib.resume), continues from what an interrupted run
+    left there and removes it once done. Methods with independent layers save finished layers in parts;
+    methods that run the model save their own state there (PCR).
+    sampler: for methods that sample during calibration (PCR): a callable sampler(unet); default: the record's
+    own trajectories re-run (lowbit.quant_core.calib.trajectory.trajectory_sampler)."""
     method = method_for_config(config)
-    independent = unet is None or type(method).quantize_model is Method.quantize_model
-    if independent and checkpoint is not None:
-        return quantize_in_parts(lambda chunk, p: method.quantize_layers(chunk, config, calibration, p), layers,
-                                 checkpoint, progress=progress)
-    if unet is None:
-        return method.quantize_layers(layers, config, calibration, progress)
-    return method.quantize_model(unet, layers, config, calibration, progress)
+    checkpoint = None if resume is None else Checkpoint.for_run(resume, method.name, method.describe(config),
+                                                                layers, calibration_id)
+    if unet is None or not method.runs_model():
+        def run(chunk, chunk_progress):
+            return method.quantize_layers(chunk, config, calibration, chunk_progress)
+        result = run(layers, progress) if checkpoint is None else quantize_in_parts(run, layers, checkpoint,
+                                                                                    progress)
+    else:
+        if method.needs_sampler and sampler is None:
+            sampler = _default_sampler(method.name, calibration)
+        result = method.quantize_model(unet, layers, config, calibration, progress, sampler=sampler,
+                                       resume=checkpoint)
+    if checkpoint is not None:
+        checkpoint.clear()
+    return result
 
 
-def quantize_layers(unet: nn.Module, config, calibration=None, progress: Optional[ProgressFn] = None) -> dict:
-    """name -> QuantizedLayer for the selected layers of `unet` (the UNet itself is left unchanged)."""
-    return quantize_layers_of(unet, select_layers(unet), config, calibration, progress)
+def quantize_layers(unet: nn.Module, config, calibration=None, layers=None, **options) -> dict:
+    """name -> QuantizedLayer for the selected layers of `unet` (the UNet itself is left unchanged).
+    layers: which of the selectable layers (None = all, a regular expression on names, or a callable(name,
+    module) -> bool); options: progress, resume, sampler, calibration_id (quantize_layers_of)."""
+    return quantize_layers_of(unet, choose_layers(select_layers(unet), layers), config, calibration, **options)
 
 
-def quantize(unet: nn.Module, config, calibration=None, progress: Optional[ProgressFn] = None) -> nn.Module:
-    """Quantize `unet` in place with the method `config` belongs to; returns it."""
-    for name, layer in quantize_layers(unet, config, calibration, progress).items():
+def quantize(unet: nn.Module, config, calibration=None, layers=None, **options) -> nn.Module:
+    """Quantize `unet` in place with the method `config` belongs to; returns it. Arguments as quantize_layers."""
+    for name, layer in quantize_layers(unet, config, calibration, layers, **options).items():
         set_submodule(unet, name, layer)
     return unet

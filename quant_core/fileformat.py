@@ -13,6 +13,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -161,25 +162,23 @@ def unet_tensors(unet: torch.nn.Module, dense_dtype=DENSE_DTYPE) -> tuple[dict, 
 
 def make_header(arch: str, method: str, method_config: dict, unet_config: dict, layer_table: dict,
                 **extra) -> dict:
-    from .. import __version__
+    from .version import __version__
     return {"format_version": FORMAT_VERSION, "arch": arch, "method": method, "method_config": method_config,
             "unet_config": unet_config, "layers": layer_table, "writer": f"lowbit {__version__}", **extra}
 
 
-def save(path, tensors: dict, header: dict, overwrite: bool = False) -> str:
-    """Write atomically (temp file + rename in the same folder); refuse to replace unless overwrite."""
+def atomic_write(path, write: Callable[[str], None], overwrite: bool = False) -> str:
+    """The one way LowBit writes a file: write(tmp) fills a temporary file in the target's folder, which is
+    synced and renamed over `path`, so a reader or an interrupt never sees half a file. Refuses to replace an
+    existing file unless overwrite (nothing is written then)."""
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise LowBitError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite)")
-    header = dict(header, format_version=FORMAT_VERSION)
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise LowBitError(f"tensor '{key}' holds NaN/inf: the model is broken; nothing was written")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, sort_keys=True)})
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -187,6 +186,20 @@ def save(path, tensors: dict, header: dict, overwrite: bool = False) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_safetensors(path, tensors: dict, metadata: dict, overwrite: bool = False) -> str:
+    """A safetensors file written with atomic_write."""
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite)
+
+
+def save(path, tensors: dict, header: dict, overwrite: bool = False) -> str:
+    """Write a LowBit file (atomic_write); refuse NaN/inf tensors and to replace a file unless overwrite."""
+    header = dict(header, format_version=FORMAT_VERSION)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise LowBitError(f"tensor '{key}' holds NaN/inf: the model is broken; nothing was written")
+    return save_safetensors(path, tensors, {META_KEY: json.dumps(header, sort_keys=True)}, overwrite)
 
 
 def summarize(path) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from .layouts.int_affine import quantize_int_affine
 from .packing import pack_bits
-from .statistics import damped
+from .calib.statistics import damped
 
 BLOCK = 128  # columns whose updates reach the rest of the matrix at once (speed only; same result up to fp order)
 DAMPING = 0.01  # fraction of XᵀX's mean diagonal added to its diagonal (GPTQ's default)

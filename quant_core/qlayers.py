@@ -2,7 +2,7 @@
 
 They hold the packed tensors of one layout as frozen parameters (so `state_dict()`, memory accounting and
 partial (lowvram) loading see and move the true, small tensors) and report the logical weight shape and dtype
-of the layer they replace. The forward goes through lowbit.kernels.dispatch, the one place that picks a fast
+of the layer they replace. The forward goes through lowbit.quant_core.ops, the one place that picks a fast
 kernel or the torch reference.
 
 Two hooks let a host framework patch weights without requantizing them (ComfyUI's weight-patch protocol):
@@ -19,7 +19,8 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .layouts import get_layout, validate_tensors
+from . import ops
+from .layouts import get_layout, matrix_view, validate_tensors, weight_from_matrix  # noqa: F401 (matrix_view: re-exported)
 
 
 class QuantizedLayer(nn.Module):
@@ -66,7 +67,7 @@ class QuantizedLayer(nn.Module):
     def forward(self, x):
         if not (self.weight_function or self.bias_function or self.comfy_cast_weights):
             return self.fast_forward(x)
-        weight = self.dequantize_weight(x.dtype, x.device)
+        weight = ops.decode(self, x)
         for f in self.weight_function:
             weight = f(weight)
         bias = None if self.bias is None else self.bias.to(x.device, x.dtype, non_blocking=True)
@@ -105,8 +106,7 @@ class LowBitLinear(QuantizedLayer):
         return nn.functional.linear(x, weight, bias)
 
     def fast_forward(self, x):
-        from ..kernels import dispatch
-        return dispatch.linear(x, self)
+        return ops.linear(x, self)
 
 
 class LowBitConv2d(QuantizedLayer):
@@ -118,9 +118,7 @@ class LowBitConv2d(QuantizedLayer):
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
 
     def dequantize_weight(self, dtype=torch.float32, device=None):
-        out, cin, kh, kw = self.weight_shape
-        # matrix view is [out, kh, kw, in]: back to PyTorch's [out, in, kh, kw]
-        return self.dequantize_matrix(dtype, device).reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+        return weight_from_matrix(self.dequantize_matrix(dtype, device), self.weight_shape)
 
     def dense_op(self, x, weight, bias):
         return nn.functional.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
@@ -138,15 +136,17 @@ class LowBitConv2d(QuantizedLayer):
         return entry
 
     def fast_forward(self, x):
-        from ..kernels import dispatch
-        return dispatch.conv2d(x, self)
+        return ops.conv2d(x, self)
 
 
-def matrix_view(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] stays; Conv2d [out, in, kh, kw] -> [out, kh*kw*in] (groups of K = input channels at a tap)."""
-    if weight.dim() == 4:
-        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-    return weight
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def quantized_layers(model: nn.Module) -> dict:
+    """name -> QuantizedLayer of every quantized layer in `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
 
 
 def make_quantized_layer(module: nn.Module, layout: str, params: Mapping, tensors: Mapping) -> QuantizedLayer:

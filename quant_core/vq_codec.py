@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from .layouts.vq import CODEBOOK_SIZE, group_sums
-from .statistics import damped
+from .calib.statistics import damped
 
 CHUNK_ELEMENTS = 2 ** 24  # floats per temporary buffer (64 MiB in fp32)
 KMEANS_SAMPLE = 2 ** 16  # k-means is fitted on at most this many groups, then all groups are assigned

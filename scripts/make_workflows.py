@@ -167,7 +167,7 @@ WORKFLOWS = {
 }
 
 
-# The trained testbed (bench/testbed): 32x32 images of captioned shapes, runs in seconds on a CPU.
+# The trained testbed (testbed/): 32x32 images of captioned shapes, runs in seconds on a CPU.
 TESTBED_PROMPT = "a small red circle top left on green"  # a held-out (colour, shape, position): never trained on
 
 

@@ -6,12 +6,13 @@ from torch import nn
 from lowbit.quant_core.actquant import context
 from lowbit.quant_core.actquant.grouping import (AXIS_CHANNEL, AXIS_TENSOR, AXIS_TOKEN, choose_axis, cluster_slices,
                                                  kmeans_pairs)
-from lowbit.quant_core.actquant.layers import make_act_layer, set_execution_mode
+from lowbit.quant_core.actquant.layers import execution, make_act_layer
 from lowbit.quant_core.actquant.observers import slice_extrema
 from lowbit.quant_core.actquant.params import ActParams, single_range
-from lowbit.quant_core.actquant.quantizers import fake_quant, log_levels_per_octave, log_quant, uniform_params
+from lowbit.quant_core.actquant.quantizers import fake_quant, log_levels_per_octave, log_quant
+from lowbit.quant_core.layouts.int_affine import affine_params
 from lowbit.quant_core.errors import FileFormatError
-from lowbit.quant_core.statistics import input_rows
+from lowbit.quant_core.calib.statistics import input_rows
 
 
 def _planted(outlier_axis: str, seed: int = 0):
@@ -39,11 +40,11 @@ def test_groups_isolate_planted_outliers_and_cut_the_error(outlier_axis):
     normal[outliers] = False
     assert not set(chosen.labels[outliers].tolist()) & set(chosen.labels[normal].tolist())
 
-    scale, zero = uniform_params(chosen.lo, chosen.hi, 8)
+    scale, zero = affine_params(chosen.lo, chosen.hi, 8)
     s, z = scale[chosen.labels], zero[chosen.labels]
     grouped = fake_quant(rows, s[None, None, :], z[None, None, :], 8) if axis == AXIS_CHANNEL else \
         fake_quant(rows, s[None, :, None], z[None, :, None], 8)
-    s1, z1 = uniform_params(rows.min(), rows.max(), 8)
+    s1, z1 = affine_params(rows.min(), rows.max(), 8)
     per_tensor = fake_quant(rows, s1, z1, 8)
     pick = (slice(None), slice(None), normal) if axis == AXIS_CHANNEL else (slice(None), normal, slice(None))
     err_grouped = (grouped - rows)[pick].pow(2).mean()
@@ -114,7 +115,7 @@ def test_slice_extrema_of_conv_equal_im2col_statistics():
 
 def _token_params(tokens=4):
     """Two timesteps: 10 -> per tensor, 500 -> token groups (token 2 is the outlier group)."""
-    scale, zero = uniform_params(torch.tensor([[-1.0, -1.0], [-1.0, -8.0]]), torch.tensor([[1.0, 1.0], [1.0, 8.0]]), 8)
+    scale, zero = affine_params(torch.tensor([[-1.0, -1.0], [-1.0, -8.0]]), torch.tensor([[1.0, 1.0], [1.0, 8.0]]), 8)
     return ActParams(torch.tensor([10.0, 500.0]), torch.tensor([8, 8], dtype=torch.uint8),
                      torch.tensor([AXIS_TENSOR, AXIS_TOKEN], dtype=torch.uint8), torch.zeros(2, 0, dtype=torch.uint8),
                      torch.tensor([[0] * tokens, [0, 0, 1, 0]], dtype=torch.uint8), scale, zero)
@@ -133,7 +134,7 @@ def test_token_groups_fall_back_to_their_union_at_another_resolution():
     axis, _, scale, zero = p.step_params(1, tokens=4)
     assert axis == AXIS_TOKEN and scale.shape == (4, 1) and scale[2, 0] > scale[0, 0]
     axis, _, scale, zero = p.step_params(1, tokens=9)
-    union = uniform_params(torch.tensor(-8.0), torch.tensor(8.0), 8)
+    union = affine_params(torch.tensor(-8.0), torch.tensor(8.0), 8)
     assert axis == AXIS_TENSOR and scale.shape == (1, 1)
     assert torch.allclose(scale[0, 0], union[0]) and zero[0, 0] == union[1]
 
@@ -202,7 +203,7 @@ def test_host_weight_and_bias_patches_apply_in_both_modes(kind):
     dequantized weight and bias, which then multiply the fake-quantized input, in either execution mode."""
     module = nn.Linear(8, 6) if kind == "linear" else nn.Conv2d(8, 6, 3, padding=1)
     k = 8 if kind == "linear" else 72
-    scale, zero = uniform_params(torch.tensor([-1.0, -4.0]), torch.tensor([1.0, 4.0]), 8)
+    scale, zero = affine_params(torch.tensor([-1.0, -4.0]), torch.tensor([1.0, 4.0]), 8)
     act = ActParams(torch.tensor([0.0]), torch.tensor([8], dtype=torch.uint8),
                     torch.tensor([AXIS_CHANNEL], dtype=torch.uint8), (torch.arange(k) % 2)[None].to(torch.uint8),
                     torch.zeros(1, 0, dtype=torch.uint8), scale[None], zero[None])
@@ -215,9 +216,6 @@ def test_host_weight_and_bias_patches_apply_in_both_modes(kind):
     lora_term = layer.quantized_dense_op(x, delta, torch.ones(6), bits, s, z)  # x̂·delta + 1 (the op is linear)
     layer.weight_function.append(lambda w: w + delta)
     layer.bias_function.append(lambda b: b + 1)
-    try:
-        for mode in ("simulated", "real"):
-            set_execution_mode(mode)
+    for mode in ("simulated", "real"):
+        with execution(mode):
             torch.testing.assert_close(layer(x), plain + lora_term, rtol=0, atol=1e-5)
-    finally:
-        set_execution_mode("simulated")

@@ -1,12 +1,14 @@
 """`python -m lowbit bench lowvram --dry-run`: the low-VRAM benchmark end to end on the CPU (trained testbed, simulated
-4/6/8 GiB caps through ComfyUI's own partial loading), checked on the values of its JSON report."""
+4/6/8 GiB caps through ComfyUI's own partial loading), checked on the values of its JSON report. Whether a UNet is
+offloaded in the dry run is ComfyUI's decision for a simulated budget (the one it would give the full-size SDXL UNet
+on a card of that size, scaled to the testbed), not a measurement on such a card: the tests name it so."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from helpers.comfy_env import repo_root, require_comfy
+from helpers.comfy_env import import_comfy, repo_root, require_comfy
 
 VARIANTS = ("fp16", "vq3", "w4a8")
 CAPS = ("4", "6", "8")
@@ -16,14 +18,36 @@ BORDERLINE = 0.05
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def bench_run(tmp_path_factory):
     require_comfy()
     out = tmp_path_factory.mktemp("lowvram") / "lowvram.json"
     # a child process: the benchmark sets ComfyUI's output folder and logging for its run
     result = subprocess.run([sys.executable, "-m", "lowbit", "bench", "lowvram", "--dry-run", "--out", str(out)],
                             cwd=repo_root(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), result.stderr
+
+
+@pytest.fixture(scope="module")
+def report(bench_run):
+    return bench_run[0]
+
+
+@pytest.fixture(scope="module")
+def other_seed_distance(report):
+    """Mean absolute difference (values in [0, 1]) between the fp16 testbed's images for the report's seed and the
+    next seed, same prompt and settings, fully loaded: how far apart two unrelated samples of this pipeline are
+    (0.17 for seeds 0 and 1; 0.135-0.18 over seeds 0-3)."""
+    import_comfy()
+    from lowbit.bench.lowvram import measure
+    model, clip, vae, _ = measure.load_dry_run_pipeline()
+    images = []
+    for seed in (report["settings"]["seed"], report["settings"]["seed"] + 1):
+        image, _, _ = measure.generate(model, clip, vae, {**report["settings"], "seed": seed},
+                                       measure.PhasePeaks(False))
+        images.append(image.float())
+    measure.unload_everything()
+    return float((images[0] - images[1]).abs().mean())
 
 
 def entries(report):
@@ -55,10 +79,30 @@ def test_quantized_unets_are_smaller(report):
                                                                     abs=1e-4)
 
 
-def test_images_are_finite_and_alike(report):
+def test_images_are_finite_and_alike(report, other_seed_distance):
+    """Alike, twice (images in [0, 1]):
+    - across caps: each variant gives the same image under every cap as under the largest. A cap (here the simulated
+      budget) only decides which weights ComfyUI keeps loaded and which it casts at each forward; on the CPU both
+      paths compute in the same dtype, so at most float rounding may differ: 1e-6, the bound tests/test_compat.py
+      holds ComfyUI's partial loading to for one UNet call (the dry run gives exactly 0). fp16 is offloaded at 4 GiB
+      and loaded whole at 8, so partial loading itself is compared.
+    - across variants: each LowBit image is nearer fp16's image for the same seed than fp16's image for another seed
+      is, i.e. quantizing keeps the sample instead of drawing an unrelated one (mean absolute difference; W4A8 0.07,
+      VQ3 with its cheapest data-free codebooks 0.13, vs 0.17 between seeds: not a quality measure)."""
     shapes = {tuple(entry["image"]["shape"]) for _, _, entry in entries(report)}
     assert shapes == {(1, 32, 32, 3)}
     assert all(entry["image"]["finite"] for _, _, entry in entries(report))
+    results = report["results"]
+    assert results["fp16"]["4"]["unet_offloaded"] and not results["fp16"]["8"]["unet_offloaded"]
+    for variant, cap, entry in entries(report):
+        assert entry["image"]["max_abs_diff_to_largest_cap"] <= 1e-6, (variant, cap)
+    assert 0.1 < other_seed_distance < 0.3  # two seeds give different images
+    for variant, cap, entry in entries(report):
+        image = entry["image"]
+        if variant == "fp16":
+            assert image["max_abs_diff_to_fp16"] == image["mean_abs_diff_to_fp16"] == 0.0
+        else:
+            assert 0 < image["mean_abs_diff_to_fp16"] < other_seed_distance, (variant, cap)
 
 
 def test_offload_follows_the_simulated_budget(report):
@@ -77,11 +121,17 @@ def test_offload_follows_the_simulated_budget(report):
             assert entry["unet_loaded_bytes"] < 0.9 * size
 
 
-def test_the_story_of_a_4gb_card(report):
-    """fp16 SDXL does not fit 4 GiB (ComfyUI offloads part of it); VQ 3-bit and W4A8 do, and fp16 fits 8 GiB."""
+def test_the_simulated_story_of_a_4gb_card(bench_run):
+    """Simulated, not measured: with the weight budget ComfyUI would give the full-size SDXL UNet on a 4 GiB card
+    (scaled to the testbed), ComfyUI offloads part of the fp16 UNet and loads VQ 3-bit and W4A8 whole; with 8 GiB's
+    budget it loads fp16 whole. The report and its progress lines call this decision simulated."""
+    report, stderr = bench_run
     results = report["results"]
     assert results["fp16"]["4"]["unet_offloaded"] and not results["fp16"]["8"]["unet_offloaded"]
     assert not results["vq3"]["4"]["unet_offloaded"] and not results["w4a8"]["4"]["unet_offloaded"]
-    assert report["goal"]["vq3_fits_4gib_without_unet_offload"] is True
+    assert report["goal"] == {"vq3_fits_4gib_without_unet_offload": True,
+                              "note": "simulated decision (dry run), not a measurement"}
+    assert "fp16 @ 4 GiB: " in stderr and "offloaded=True (simulated budget)" in stderr
+    assert "offloaded=True," not in stderr and "offloaded=False," not in stderr  # every line says simulated
     full = report["simulation"]["full_size_weight_budget_bytes"]
     assert 2.5 * 2 ** 30 < full["4"] < 3 * 2 ** 30  # 4 GiB less ComfyUI's reserve and inference minimum

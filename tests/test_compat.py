@@ -123,7 +123,7 @@ def test_load_sample_unload_50_cycles_leaks_nothing(tmp_path):
     import comfy.model_management
     import folder_paths
     nodes = comfy_nodes()
-    from lowbit.bench.testbed.model import comfy_testbed_objects
+    from lowbit.testbed.model import comfy_testbed_objects
     from lowbit.nodes.comfy_model import build_model
     from lowbit.nodes.quantize import LowBitQuantizeUNet
     from lowbit.nodes.save import LowBitSaveQuantizedUNet
@@ -181,7 +181,7 @@ def random_testbed_controlnet(unet_config: dict, seed: int = 0):
     import comfy.controlnet
     import comfy.model_management
     from helpers.fixtures import deterministic_init_
-    from lowbit.bench.testbed.model import image_to_unet, unfold_latent
+    from lowbit.testbed.model import image_to_unet, unfold_latent
 
     class TestbedControlNetModel(comfy.cldm.cldm.ControlNet):
         def forward(self, x, hint, timesteps, context, y=None, **kwargs):
@@ -220,7 +220,7 @@ def testbed_pair():
     """The trained testbed in fp and RTN W8 (per channel) with a prompt's conditioning and a 32x32 latent."""
     import_comfy()
     nodes = comfy_nodes()
-    from lowbit.bench.testbed.model import comfy_testbed_objects
+    from lowbit.testbed.model import comfy_testbed_objects
     from lowbit.nodes.quantize import LowBitQuantizeUNet
     fp, clip, _ = comfy_testbed_objects()
     quantized = LowBitQuantizeUNet.execute(fp, "rtn", 8, 0).result[0]
@@ -242,7 +242,7 @@ def assert_same_effect(what, fp_change, fp_plain, q_change, q_plain):
 
 def test_controlnet_adds_the_same_residuals_to_quantized_and_fp_models(testbed_pair):
     import json
-    from lowbit.bench.testbed.model import TESTBED_WEIGHTS, read_metadata
+    from lowbit.testbed.model import TESTBED_WEIGHTS, read_metadata
     nodes = comfy_nodes()
     fp, quantized, positive, negative, latent = testbed_pair
     control_net = random_testbed_controlnet(json.loads(read_metadata(TESTBED_WEIGHTS)["unet"]))

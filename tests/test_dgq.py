@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from lowbit.quant_core.actquant import ActQuantConv2d, ActQuantLinear, context, prepare_unet, set_execution_mode
+from lowbit.quant_core.actquant import ActQuantConv2d, ActQuantLinear, context, execution, prepare_unet
 from lowbit.quant_core.actquant.grouping import AXIS_CHANNEL, AXIS_TOKEN
-from lowbit.quant_core.api import quantize, set_submodule
-from lowbit.quant_core.calibration import CalibrationRecord
+from lowbit.quant_core.api import quantize
+from lowbit.quant_core.qlayers import set_submodule
+from lowbit.quant_core.calib.record import CalibrationRecord
 from lowbit.quant_core.fileformat import load, make_header, save, unet_tensors
 from lowbit.quant_core.methods.dgq import DGQConfig
 from lowbit.quant_core.methods.minmax import MinMaxConfig
@@ -71,15 +72,13 @@ def test_simulated_and_real_integer_paths_agree(tiny_dgq, tiny_calibration, case
                 if per_channel and (axis != AXIS_CHANNEL or axes.count(axis) == 10):
                     continue  # single-channel K-blocks: the twin loops over K, so 10 channel-grouped layers
                 axes.append(axis)
-                set_execution_mode("simulated")
                 simulated = layer(x)
-                set_execution_mode("real")
-                real = layer(x)
+                with execution("real"):
+                    real = layer(x)
                 out = layer.act_params("output")
                 step = 0.0 if out is None else float(out.scale.max())
                 assert (simulated - real).abs().max() <= 1e-5 * simulated.abs().max() + step * 1.001, name
     finally:
-        set_execution_mode("simulated")
         context._stack().pop()
     assert set(axes) == ({AXIS_CHANNEL} if per_channel else {AXIS_CHANNEL, AXIS_TOKEN})  # the cases exercised
 
@@ -166,10 +165,10 @@ def test_comfy_sampling_feeds_timesteps_and_attention_hook(comfy_env_module):
     the same output bit for bit."""
     import comfy.sample
     import lowbit.quant_core.actquant.layers as layers_module
-    from lowbit.bench.testbed.model import comfy_testbed_objects, load_testbed
-    from lowbit.bench.testbed.sample import sample
-    from lowbit.quant_core.calibration import record_unet_calls
-    from lowbit.quant_core.testbed.data import in_domain_prompts
+    from lowbit.testbed.model import comfy_testbed_objects, load_testbed
+    from lowbit.testbed.sample import sample
+    from lowbit.quant_core.calib.record import record_unet_calls
+    from lowbit.testbed.data import in_domain_prompts
     torch.set_num_threads(1)
     _, text_encoder, tokenizer, _ = load_testbed()
     model, clip, _ = comfy_testbed_objects()

@@ -13,7 +13,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def testbed(comfy_env_module, tmp_path_factory):
     import folder_paths
-    from lowbit.bench.testbed.model import comfy_testbed_objects
+    from lowbit.testbed.model import comfy_testbed_objects
     from lowbit.nodes.calibrate import LowBitCalibrate
     torch.manual_seed(0)
     folder_paths.set_output_directory(str(tmp_path_factory.mktemp("output")))
@@ -25,7 +25,7 @@ def testbed(comfy_env_module, tmp_path_factory):
 @pytest.fixture(scope="module")
 def probe(testbed):
     """A held-out UNet input: a recorded call with other noise."""
-    from lowbit.quant_core.calibration import CalibrationRecord
+    from lowbit.quant_core.calib.record import CalibrationRecord
     call = dict(CalibrationRecord.load(testbed[1].path).inputs[1])
     call["x"] = torch.randn(call["x"].shape, generator=torch.Generator().manual_seed(5))
     return call
@@ -43,8 +43,8 @@ def _rel(a, b):
 def test_record_knows_cond_and_uncond_and_the_trajectory_reruns_exactly(testbed):
     """Re-running the record's trajectories (Euler, recorded CFG) through the same fp UNet reproduces every
     recorded UNet input: the sampler PCR calibrates with follows ComfyUI's own euler sampling."""
-    from lowbit.quant_core.calibration import CalibrationRecord, record_unet_calls
-    from lowbit.quant_core.trajectory import trajectories, trajectory_sampler
+    from lowbit.quant_core.calib.record import CalibrationRecord, record_unet_calls
+    from lowbit.quant_core.calib.trajectory import trajectories, trajectory_sampler
     model, calib = testbed
     record = CalibrationRecord.load(calib.path)
     assert len(record) == 2 * STEPS and record.cond_or_uncond == [[1, 0]] * (2 * STEPS)  # ComfyUI batches uncond first

@@ -23,7 +23,8 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from lowbit.kernels import affine_gemm, act_quant, dispatch, int8_gemm, targets, tiles, twins, vq_gemm  # noqa: E402
+from lowbit.kernels import affine_gemm, act_quant, dispatch, int8_gemm, targets, tiles, vq_gemm  # noqa: E402
+from lowbit.quant_core import ops, reference  # noqa: E402
 from lowbit.quant_core.layouts.int_affine import quantize_int_affine  # noqa: E402
 from lowbit.quant_core.qlayers import make_quantized_layer, matrix_view  # noqa: E402
 
@@ -177,13 +178,13 @@ def kernels_on_cpu(monkeypatch):
     """Let the dispatcher send CPU tensors down the kernel paths, with no kernel failure remembered, and Linear
     layers of up to 64 rows to the fused GEMMs (whatever FUSED_MAX_ROWS says today) so that both paths run."""
     monkeypatch.setattr(dispatch, "kernels_usable", lambda x, dtypes=dispatch.WEIGHT_ONLY_DTYPES: x.dtype in dtypes)
-    monkeypatch.setattr(dispatch, "_failed_kernels", {})
+    monkeypatch.setattr(ops, "_failed_kernels", {})
     monkeypatch.setattr(dispatch, "FUSED_MAX_ROWS", {name: 64 for name in dispatch.FUSED_MAX_ROWS})
 
 
 def _warnings(caplog):
     return [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING and "LowBit: Triton kernel" in r.getMessage()]
+            if r.levelno == logging.WARNING and "LowBit: kernel" in r.getMessage()]
 
 
 def _rtn_layer(module, bits=4, group=32):
@@ -209,20 +210,20 @@ def test_failing_weight_only_kernels_fall_back_once(kernels_on_cpu, monkeypatch,
     assert len(logged) == 2, logged
     assert "affine_linear" in logged[0] and "OutOfResources" in logged[0] and "torch reference" in logged[0]
     assert "affine_decode" in logged[1] and "no kernel image" in logged[1]
-    assert set(dispatch._failed_kernels) == {("affine_linear", "cpu", torch.float16),
+    assert set(ops._failed_kernels) == {("affine_linear", "cpu", torch.float16),
                                              ("affine_decode", "cpu", torch.float16)}
 
 
-def test_failing_int8_path_falls_back_to_the_twins_once(kernels_on_cpu, monkeypatch, caplog):
+def test_failing_int8_path_falls_back_to_the_reference_once(kernels_on_cpu, monkeypatch, caplog):
     monkeypatch.setattr(act_quant, "quantize_dynamic_rows", _failing(RuntimeError("PassManager::run failed")))
     layer = _rtn_layer(nn.Linear(64, 16), bits=8, group=0).float()
     caplog.set_level(logging.WARNING)
     for _ in range(3):
         x = torch.randn(7, 64)
-        xq, _, scale, zero = twins.quantize_dynamic_rows(x, 8)
-        ref = twins.int8_linear(xq, scale, zero, layer.qweight, layer.scale, layer.zero, 8, 0, layer.bias,
+        xq, _, scale, zero = reference.quantize_dynamic_rows(x, 8)
+        ref = reference.int8_linear(xq, scale, zero, layer.qweight, layer.scale, layer.zero, 8, 0, layer.bias,
                                 torch.float32)
-        assert torch.equal(dispatch.int8_linear(x, layer, dispatch.ActivationQuant()), ref)
+        assert torch.equal(ops.int8_linear(x, layer, ops.ActivationQuant()), ref)
     logged = _warnings(caplog)
     assert len(logged) == 1 and "act_quant + int8_gemm" in logged[0], logged
 
@@ -250,7 +251,7 @@ def test_out_of_memory_is_not_a_kernel_failure(kernels_on_cpu, monkeypatch):
     lin = _rtn_layer(nn.Linear(64, 24))
     with pytest.raises(torch.cuda.OutOfMemoryError):
         lin(torch.randn(3, 64).half())
-    assert not dispatch._failed_kernels
+    assert not ops._failed_kernels
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.kernels import dispatch, twins
+from lowbit.kernels import dispatch
+from lowbit.quant_core import ops, reference
 from lowbit.quant_core.layouts.int_affine import IntAffine, quantize_int_affine
 from lowbit.quant_core.layouts.vq import VQ
 from lowbit.quant_core.qlayers import make_quantized_layer, matrix_view
@@ -74,17 +75,17 @@ def test_affine_twin_decode_equals_layout(bits, group):
     t = quantize_int_affine(torch.randn(24, 96, generator=_gen()), bits, group)
     ref = IntAffine.dequantize(t, {"bits": bits, "group_size": group}, 24, 96)
     args = (t["qweight"], t["scale"], t["zero"], bits, group)
-    assert torch.equal(twins.affine_matrix(*args), ref)
-    conv = twins.affine_decode(*args, (24, 32, 1, 3), torch.float16)
+    assert torch.equal(reference.affine_matrix(*args), ref)
+    conv = reference.affine_decode(*args, (24, 32, 1, 3), torch.float16)
     assert torch.equal(matrix_view(conv), ref.half())
 
 
 def test_vq_twin_decode_equals_layout():
     t = _vq_tensors(24, 96, 3, _gen())
     ref = VQ.dequantize(t, {"num_codebooks": 3, "codebook_bits": 8, "group_size": 8}, 24, 96)
-    dense = twins.vq_decode(t["codes"], t["codebooks"], t["scales"], (24, 96), torch.float32)
+    dense = reference.vq_decode(t["codes"], t["codebooks"], t["scales"], (24, 96), torch.float32)
     assert torch.equal(dense, ref)
-    conv = twins.vq_decode(t["codes"], t["codebooks"], t["scales"], (24, 32, 3, 1), torch.float16)
+    conv = reference.vq_decode(t["codes"], t["codebooks"], t["scales"], (24, 32, 3, 1), torch.float16)
     assert torch.equal(matrix_view(conv), ref.half())
 
 
@@ -92,18 +93,18 @@ def test_vq_twin_linear_applies_scale_after_the_product():
     t = _vq_tensors(24, 96, 4, _gen())
     x = torch.randn(5, 96, generator=_gen(1)).half()
     ref = F.linear(x.float(), VQ.dequantize(t, {"num_codebooks": 4, "codebook_bits": 8, "group_size": 8}, 24, 96))
-    y = twins.vq_linear(x, t["codes"], t["codebooks"], t["scales"])
+    y = reference.vq_linear(x, t["codes"], t["codebooks"], t["scales"])
     assert (y.float() - ref).norm() <= 1e-2 * ref.norm()
 
 
 def _fake_quant(x, scale, zero, bits, group_k=0):
     """Dequantized activations straight from the definition, in float64."""
-    q, _ = twins.quantize_static(x, scale, zero, bits, group_k)
+    q, _ = reference.quantize_static(x, scale, zero, bits, group_k)
     k = x.shape[1]
     g = group_k or k
     s = scale.double().expand(x.shape[0], -(-k // g)).repeat_interleave(g, 1)[:, :k]
     z = zero.double().expand(x.shape[0], -(-k // g)).repeat_interleave(g, 1)[:, :k]
-    return (q.double() + twins.ACT_OFFSET - z) * s
+    return (q.double() + reference.ACT_OFFSET - z) * s
 
 
 @pytest.mark.parametrize("w_bits,group_k", [(8, 0), (8, 32), (4, 0), (4, 48)])
@@ -115,9 +116,9 @@ def test_int8_twin_equals_fake_quant(w_bits, group_k):
     scale = torch.rand(shape, generator=gen) * 0.05 + 0.01
     zero = torch.randint(0, 256, shape, generator=gen)
     bias = torch.randn(16, generator=gen)
-    xq, xsum = twins.quantize_static(x, scale, zero, 8, group_k)
+    xq, xsum = reference.quantize_static(x, scale, zero, 8, group_k)
     assert torch.equal(xsum.sum(1), xq.int().sum(1))
-    y = twins.int8_linear(xq, scale, zero, t["qweight"], t["scale"], t["zero"], w_bits, group_k, bias,
+    y = reference.int8_linear(xq, scale, zero, t["qweight"], t["scale"], t["zero"], w_bits, group_k, bias,
                           torch.float32)
     w = IntAffine.dequantize(t, {"bits": w_bits, "group_size": 0}, 16, 96).double()
     ref = _fake_quant(x, scale, zero, 8, group_k) @ w.T + bias.double()
@@ -126,8 +127,8 @@ def test_int8_twin_equals_fake_quant(w_bits, group_k):
 
 def test_dynamic_row_quantization_error_is_half_a_step():
     x = torch.randn(7, 64, generator=_gen()) * torch.linspace(0.1, 10, 7)[:, None]
-    xq, xsum, scale, zero = twins.quantize_dynamic_rows(x, 8)
-    deq = (xq.double() + twins.ACT_OFFSET - zero.double()) * scale.double()
+    xq, xsum, scale, zero = reference.quantize_dynamic_rows(x, 8)
+    deq = (xq.double() + reference.ACT_OFFSET - zero.double()) * scale.double()
     # half a step, plus the shift from rounding the zero point
     assert ((deq - x.double()).abs() <= scale.double()).all()
     assert torch.equal(xsum[:, 0], xq.int().sum(1))
@@ -137,8 +138,8 @@ def test_static_quantization_permutes_channels():
     x = torch.randn(4, 32, generator=_gen())
     perm = torch.randperm(32, generator=_gen(1))
     scale, zero = torch.tensor(0.03), torch.tensor(128)
-    assert torch.equal(twins.quantize_static(x, scale, zero, 8, 0, perm)[0],
-                       twins.quantize_static(x[:, perm], scale, zero, 8)[0])
+    assert torch.equal(reference.quantize_static(x, scale, zero, 8, 0, perm)[0],
+                       reference.quantize_static(x[:, perm], scale, zero, 8)[0])
 
 
 # ---- dispatch --------------------------------------------------------------------------------------------
@@ -159,8 +160,9 @@ def no_kernels(monkeypatch):
     """Any attempt to run a weight-only kernel fails the test."""
     def refuse(*args):
         raise AssertionError("a Triton kernel was launched for a CPU tensor")
-    monkeypatch.setattr(dispatch, "WEIGHT_ONLY_KERNELS", {name: (refuse, refuse) for name in
-                                                           dispatch.WEIGHT_ONLY_KERNELS})
+    registered = ops.registered_kernels()
+    assert {("int_affine", "decode"), ("vq", "decode"), ("int_affine", "int8_linear")} <= set(registered)
+    monkeypatch.setattr(ops, "_KERNELS", {key: ops.Kernel(k.name, refuse, k.usable) for key, k in registered.items()})
 
 
 @pytest.mark.parametrize("make", [_rtn_layer, _vq_layer])
@@ -175,27 +177,31 @@ def test_cpu_dispatch_is_the_layout_reference(no_kernels, make):
     assert not dispatch.kernels_usable(x)
 
 
-def test_force_reference_switch_and_environment():
-    before = dispatch.reference_forced()
-    try:
-        dispatch.force_reference(True)
-        assert dispatch.reference_forced()
-        dispatch.force_reference(False)
-        assert not dispatch.reference_forced()
-    finally:
-        dispatch.force_reference(before)
-    code = "import lowbit.kernels.dispatch as d; print(d.reference_forced())"
+def test_force_reference_is_scoped_and_has_an_environment_switch():
+    import threading
+    assert not ops.reference_forced()
+    seen_elsewhere = []
+    with ops.reference_only():
+        assert ops.reference_forced()
+        with ops.reference_only(False):
+            assert not ops.reference_forced()
+        assert ops.reference_forced()
+        worker = threading.Thread(target=lambda: seen_elsewhere.append(ops.reference_forced()))
+        worker.start()
+        worker.join()
+    assert not ops.reference_forced() and seen_elsewhere == [False]  # another thread is not affected
+    code = "import lowbit.quant_core.ops as o; print(o.reference_forced())"
     assert _run(["-c", code], LOWBIT_FORCE_REFERENCE="1").stdout.strip() == "True"
 
 
 def test_cpu_dispatch_never_imports_triton():
-    code = ("import sys, torch; from torch import nn; from lowbit.kernels import dispatch\n"
+    code = ("import sys, torch; from torch import nn; from lowbit.quant_core import ops\n"
             "from lowbit.quant_core.layouts.int_affine import quantize_int_affine\n"
             "from lowbit.quant_core.qlayers import make_quantized_layer\n"
             "lin = nn.Linear(32, 8)\n"
             "layer = make_quantized_layer(lin, 'int_affine', {'bits': 8, 'group_size': 0},"
             " quantize_int_affine(lin.weight.detach(), 8, 0))\n"
-            "layer(torch.randn(3, 32)); dispatch.int8_linear(torch.randn(3, 32), layer, dispatch.ActivationQuant())\n"
+            "layer(torch.randn(3, 32)); ops.int8_linear(torch.randn(3, 32), layer, ops.ActivationQuant())\n"
             "print('triton' in sys.modules)")
     proc = _run(["-c", code])
     assert proc.stdout.strip() == "False", proc.stderr[-2000:]
@@ -211,7 +217,7 @@ def test_int8_linear_with_channel_groups_and_permutation():
     scale = torch.rand(1, 3, generator=gen) * 0.05 + 0.01
     zero = torch.randint(0, 256, (1, 3), generator=gen)
     x = torch.randn(2, 7, 96, generator=gen)
-    y = dispatch.int8_linear(x, layer, dispatch.ActivationQuant(8, scale, zero, 32, perm))
+    y = ops.int8_linear(x, layer, ops.ActivationQuant(8, scale, zero, 32, perm))
     w = layer.dequantize_matrix().double()
     ref = _fake_quant(x.reshape(-1, 96)[:, perm], scale, zero, 8, 32) @ w.T + layer.bias.double()
     assert y.shape == (2, 7, 16)
@@ -224,7 +230,7 @@ def test_int8_conv2d_matches_conv_of_fake_quantized_input():
     layer = _rtn_layer(conv, bits=4, group=0)
     x = torch.randn(2, 8, 7, 9, generator=gen)
     scale, zero = torch.tensor(0.02), torch.tensor(131)  # per tensor: padding zeros quantize exactly to 0
-    y = dispatch.int8_conv2d(x, layer, dispatch.ActivationQuant(8, scale, zero))
+    y = ops.int8_conv2d(x, layer, ops.ActivationQuant(8, scale, zero))
     xf = _fake_quant(x.reshape(1, -1), scale, zero, 8).reshape(x.shape)
     ref = F.conv2d(xf, layer.dequantize_weight().double(), layer.bias.double(), 2, 1)
     assert y.shape == ref.shape
@@ -234,11 +240,11 @@ def test_int8_conv2d_matches_conv_of_fake_quantized_input():
 def test_int8_path_rejects_what_it_cannot_compute():
     layer = _rtn_layer(nn.Linear(64, 8), bits=4, group=32)
     with pytest.raises(ValueError, match="group_size 0"):
-        dispatch.int8_linear(torch.randn(2, 64), layer, dispatch.ActivationQuant())
+        ops.int8_linear(torch.randn(2, 64), layer, ops.ActivationQuant())
     with pytest.raises(ValueError, match="together"):
-        dispatch.ActivationQuant(8, torch.tensor(0.1), None)
+        ops.ActivationQuant(8, torch.tensor(0.1), None)
     with pytest.raises(ValueError, match="group_k"):
-        dispatch.ActivationQuant(8, None, None, 32)
+        ops.ActivationQuant(8, None, None, 32)
 
 
 def test_timings_point_to_bench_gpu():

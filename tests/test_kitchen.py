@@ -6,8 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from comfy_kitchen.tensor import QuantizedTensor, get_layout_class
+from helpers import comfy_env
 
-from lowbit.kernels import kitchen
+comfy_env.import_comfy()  # the kitchen layouts live in lowbit.nodes, which needs ComfyUI importable
+from lowbit.nodes import kitchen  # noqa: E402
 from lowbit.quant_core.layouts.int_affine import quantize_int_affine
 from lowbit.quant_core.methods.rtn import RTN, RTNConfig
 from lowbit.quant_core.methods.vq import VQConfig, quantize_vq_layer
@@ -37,7 +39,7 @@ def x_for(name, dtype=torch.float32):
 
 
 def test_layouts_are_registered_in_comfy_kitchen():
-    from lowbit.kernels import register_kitchen_layouts
+    from lowbit.nodes.kitchen_registration import register_kitchen_layouts
     assert register_kitchen_layouts()  # what the pack's entry point calls (comfy_kitchen imported above)
     assert get_layout_class("LowBitIntAffineLayout") is kitchen.LowBitIntAffineLayout
     assert get_layout_class("LowBitVQLayout") is kitchen.LowBitVQLayout

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from lowbit.quant_core.api import quantize
-from lowbit.quant_core.calibration import CalibrationRecord
+from lowbit.quant_core.calib.record import CalibrationRecord
 from lowbit.quant_core.errors import LowBitError
 from lowbit.quant_core.fileformat import make_header, save, unet_tensors
-from lowbit.quant_core.methods.pcr import PCR, SAMPLER_KEY, PCRConfig, step_bits
+from lowbit.quant_core.methods.pcr import PCR, PCRConfig, step_bits
 
 
 def test_relaxed_steps():
@@ -30,18 +30,17 @@ def _tiny_sampler(unet, steps=(999.0, 750.0, 500.0, 250.0, 1.0)):
 
 
 def _recorded_tiny_calibration(unet):
-    """The tiny sampler's calls on `unet`, recorded, with the sampler: a record PCR's GPTQ rounding can replay."""
-    from lowbit.quant_core.calibration import record_unet_calls
-    return record_unet_calls(unet, lambda: _tiny_sampler(unet), {SAMPLER_KEY: _tiny_sampler, "prompts": ["tiny"]},
-                             keep_outputs=False)
+    """The tiny sampler's calls on `unet`, recorded: a record PCR's GPTQ rounding can replay."""
+    from lowbit.quant_core.calib.record import record_unet_calls
+    return record_unet_calls(unet, lambda: _tiny_sampler(unet), {"prompts": ["tiny"]}, keep_outputs=False)
 
 
-def _pcr_file(path, checkpoint, progress=None, relax="none", weight_rounding="minmax"):
+def _pcr_file(path, resume, progress=None, relax="none", weight_rounding="minmax"):
     from helpers.fixtures import tiny_sdxl_unet
     record = _recorded_tiny_calibration(tiny_sdxl_unet(seed=0))
-    config = PCRConfig(weight_bits=4, act_bits=6, relax=relax, weight_rounding=weight_rounding,
-                       checkpoint=str(checkpoint))
-    unet = quantize(tiny_sdxl_unet(seed=0), config, record, progress)
+    config = PCRConfig(weight_bits=4, act_bits=6, relax=relax, weight_rounding=weight_rounding)
+    unet = quantize(tiny_sdxl_unet(seed=0), config, record, progress=progress, sampler=_tiny_sampler,
+                    resume=str(resume))
     tensors, table = unet_tensors(unet)
     return save(path, tensors, make_header("sdxl", "pcr", PCR().describe(config), {}, table)), unet
 
@@ -62,13 +61,15 @@ def test_interrupted_calibration_resumes_to_an_identical_file(tmp_path, weight_r
         _pcr_file(tmp_path / "unused.safetensors", tmp_path / "b.ckpt", interrupt_after_step_2,
                   weight_rounding=weight_rounding)
     from safetensors import safe_open
-    with safe_open(str(tmp_path / "b.ckpt"), framework="pt") as f:
-        assert json.loads(f.metadata()["lowbit_pcr_checkpoint"])["done"] == 2
+    (state,) = (tmp_path / "b.ckpt").glob("pcr_*/state.safetensors")  # the one resume mechanism's state file
+    with safe_open(str(state), framework="pt") as f:
+        assert json.loads(f.metadata()["lowbit_state"])["done"] == 2
     steps_run = []
     resumed, _ = _pcr_file(tmp_path / "b.safetensors", tmp_path / "b.ckpt",
                            lambda done, total, what: steps_run.append(what), weight_rounding=weight_rounding)
     assert steps_run[1:] == ["progressive step 3/5", "progressive step 4/5", "progressive step 5/5"]
     assert open(uninterrupted, "rb").read() == open(resumed, "rb").read()
+    assert not list((tmp_path / "b.ckpt").iterdir())  # a finished run removes its checkpoint
 
 
 def test_progressive_ranges_are_those_of_the_quantized_trajectory():
@@ -77,10 +78,11 @@ def test_progressive_ranges_are_those_of_the_quantized_trajectory():
     import copy
     from helpers.fixtures import tiny_sdxl_unet
     from lowbit.quant_core.actquant import ActQuantConv2d, ActQuantLinear, context
-    from lowbit.quant_core.actquant.quantizers import uniform_params
+    from lowbit.quant_core.layouts.int_affine import affine_params
     torch.set_num_threads(1)
-    record = CalibrationRecord([], settings={SAMPLER_KEY: _tiny_sampler})
-    oneshot, progressive = (quantize(tiny_sdxl_unet(seed=0), PCRConfig(4, 6, progressive=p, relax="none"), record)
+    record = CalibrationRecord([])
+    oneshot, progressive = (quantize(tiny_sdxl_unet(seed=0), PCRConfig(4, 6, progressive=p, relax="none"), record,
+                                     sampler=_tiny_sampler)
                             for p in (False, True))
     layers = lambda unet: {n: m for n, m in unet.named_modules()  # noqa: E731
                            if isinstance(m, (ActQuantLinear, ActQuantConv2d))}
@@ -99,7 +101,7 @@ def test_progressive_ranges_are_those_of_the_quantized_trajectory():
             def hook(module, args):
                 if context.current_timestep() == timestep:
                     lo, hi = (torch.tensor(float(v)) for v in args[0].aminmax())
-                    seen[name] = uniform_params(lo, hi, 6)
+                    seen[name] = affine_params(lo, hi, 6)
             return hook
         for name, layer in layers(hybrid).items():
             layer.register_forward_pre_hook(observe(name))
@@ -117,7 +119,7 @@ def test_saved_file_reloads_bit_identically_and_info_shows_the_relaxed_steps(tmp
     import sys
     from helpers.fixtures import tiny_sdxl_unet
     from lowbit.quant_core.actquant import prepare_unet
-    from lowbit.quant_core.api import set_submodule
+    from lowbit.quant_core.qlayers import set_submodule
     from lowbit.quant_core.fileformat import load
     torch.set_num_threads(1)
     path, unet = _pcr_file(tmp_path / "r.safetensors", "", relax="first")
@@ -162,16 +164,17 @@ def test_gptq_rounding_lowers_the_layer_output_error_on_the_same_grid():
     from lowbit.quant_core.api import quantize_layers_of
     from lowbit.quant_core.qlayers import matrix_view
     from lowbit.quant_core.selection import select_layers
-    from lowbit.quant_core.statistics import collect_xtx
+    from lowbit.quant_core.calib.statistics import collect_xtx
     torch.set_num_threads(1)
     unet = tiny_sdxl_unet(seed=0)
     record = _recorded_tiny_calibration(unet)
     first_blocks = tuple(f"input_blocks.{i}." for i in range(6))
     layers = {n: m for n, m in select_layers(unet).items() if n.startswith(first_blocks)}
     quantized = {rounding: quantize_layers_of(unet, layers, PCRConfig(4, 6, progressive=False, relax="none",
-                                                                      weight_rounding=rounding), record)
+                                                                      weight_rounding=rounding), record,
+                                              sampler=_tiny_sampler)
                  for rounding in ("minmax", "gptq")}
-    relaxed = quantize_layers_of(unet, layers, PCRConfig(4, 6, weight_rounding="gptq"), record)
+    relaxed = quantize_layers_of(unet, layers, PCRConfig(4, 6, weight_rounding="gptq"), record, sampler=_tiny_sampler)
     hessians = collect_xtx(unet, layers, lambda: _tiny_sampler(unet))
     errors = {"minmax": 0.0, "gptq": 0.0}
     for name, layer in quantized["gptq"].items():
@@ -194,7 +197,7 @@ def test_gptq_rounding_is_part_of_the_checkpoint_key_and_needs_recorded_calls():
     assert _fingerprint(layers, PCRConfig(weight_rounding="gptq"), {}) != _fingerprint(layers, PCRConfig(), {})
     assert PCR().describe(PCRConfig(weight_rounding="gptq"))["weight_rounding"] == "gptq"
     with pytest.raises(LowBitError, match="recorded UNet calls"):
-        quantize(unet, PCRConfig(weight_rounding="gptq"), CalibrationRecord([], settings={SAMPLER_KEY: _tiny_sampler}))
+        quantize(unet, PCRConfig(weight_rounding="gptq"), CalibrationRecord([]), sampler=_tiny_sampler)
     with pytest.raises(LowBitError, match="weight_rounding"):
         PCRConfig(weight_rounding="adaround")
 

@@ -192,7 +192,7 @@ def test_quantized_output_error_is_bounded(fp_model, unet_inputs, comfy_server):
 def test_calibrate_records_comfy_sampling_and_leaves_the_model_unchanged(fp_model, unet_inputs, tmp_path):
     import folder_paths
     from lowbit.nodes.calibrate import LowBitCalibrate
-    from lowbit.quant_core.calibration import CalibrationRecord
+    from lowbit.quant_core.calib.record import CalibrationRecord
     ref = _unet_out(fp_model, unet_inputs)
     folder_paths.set_output_directory(str(tmp_path))
     args = (fp_model, fp_model.clip_for_tests, "a red fox\na blue car\nnot used", "", 64, 64, 2, 5.0, "euler",

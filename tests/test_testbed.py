@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.quant_core.testbed import data
-from lowbit.quant_core.testbed.metrics import frechet_distance, psnr
-from lowbit.quant_core.testbed.text import END_ID, PAD_ID, START_ID, UNKNOWN_ID, Tokenizer
+from lowbit.testbed import data
+from lowbit.testbed.metrics import frechet_distance, psnr
+from lowbit.testbed.text import END_ID, PAD_ID, START_ID, UNKNOWN_ID, Tokenizer
 
 HELD_OUT_PROMPTS = 32
 STEPS = 20
@@ -15,7 +15,7 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def testbed():
-    from lowbit.bench.testbed.model import TESTBED_WEIGHTS, load_testbed
+    from lowbit.testbed.model import TESTBED_WEIGHTS, load_testbed
     if not TESTBED_WEIGHTS.is_file():
         pytest.fail(f"shipped testbed weights missing: {TESTBED_WEIGHTS}")
     torch.set_num_threads(1)
@@ -24,7 +24,7 @@ def testbed():
 
 @pytest.fixture(scope="module")
 def classifier():
-    from lowbit.bench.testbed.model import load_classifier
+    from lowbit.testbed.model import load_classifier
     return load_classifier()
 
 
@@ -77,7 +77,7 @@ def test_tokenizer_layout():
 
 
 def test_unet_has_sdxl_layer_kinds_with_group_of_8_inputs():
-    from lowbit.bench.testbed.model import build_unet, unet_config
+    from lowbit.testbed.model import build_unet, unet_config
     unet = build_unet(unet_config())
     layers = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     widths = {n: m.in_features if isinstance(m, torch.nn.Linear) else m.in_channels for n, m in layers.items()}
@@ -112,7 +112,7 @@ def test_frechet_distance_and_psnr():
 
 
 def test_fp_testbed_aligns_on_held_out_prompts(testbed, classifier):
-    from lowbit.bench.testbed.sample import sample
+    from lowbit.testbed.sample import sample
     unet, text_encoder, tokenizer, _ = testbed
     prompts = data.held_out_prompts(HELD_OUT_PROMPTS, seed=0)
     images = sample(unet, text_encoder, tokenizer, prompts, seed=0, steps=STEPS)   # ~10 s on one idle core
@@ -127,8 +127,8 @@ def test_fp_testbed_aligns_on_held_out_prompts(testbed, classifier):
 def test_comfy_stock_nodes_match_bench_sampler(comfy_env_module, testbed, classifier):
     from helpers.comfy_env import comfy_nodes
     nodes = comfy_nodes()
-    from lowbit.bench.testbed.model import comfy_testbed_objects
-    from lowbit.bench.testbed.sample import sample
+    from lowbit.testbed.model import comfy_testbed_objects
+    from lowbit.testbed.sample import sample
     unet, text_encoder, tokenizer, _ = testbed
     model, clip, vae = comfy_testbed_objects()
     prompts = data.held_out_prompts(6, seed=1)

@@ -1,7 +1,7 @@
 """The testbed workflows (`lowbit_testbed_generate`, `lowbit_testbed_compare`) headless in the real ComfyUI server.
 
 `LowBitTestbedLoader` feeds the stock CLIPTextEncode -> KSampler -> VAEDecode -> SaveImage; the saved PNGs must be
-the images `bench/testbed/sample.py` computes for the same prompt, seed, steps and CFG (up to float rounding: at
+the images `testbed/sample.py` computes for the same prompt, seed, steps and CFG (up to float rounding: at
 most 1 of 255 per channel after SaveImage's 8-bit truncation), and the testbed's attribute classifier must find the
 prompt in them. Only the small testbed is loaded in the server (seconds); the shared `comfy_server` fixture does
 not load SDXL by itself.
@@ -28,14 +28,14 @@ MAX_LSB_DIFF = 1  # float rounding of the server vs bench path, then SaveImage's
 
 @pytest.fixture(scope="module")
 def testbed():
-    from lowbit.bench.testbed.model import load_classifier, load_testbed
+    from lowbit.testbed.model import load_classifier, load_testbed
     torch.set_num_threads(1)
     unet, text_encoder, tokenizer, _ = load_testbed()
     return unet, text_encoder, tokenizer, load_classifier()
 
 
 def _bench_images(testbed, prompts, seed=SEED):
-    from lowbit.bench.testbed.sample import sample
+    from lowbit.testbed.sample import sample
     unet, text_encoder, tokenizer, _ = testbed
     return sample(unet, text_encoder, tokenizer, prompts, seed=seed, steps=STEPS, cfg=CFG, negative="")
 
@@ -93,7 +93,7 @@ def test_testbed_generate_matches_bench_sampler_and_follows_prompt(comfy_server,
 
     bench = _bench_images(testbed, [PROMPT] * BATCH)   # item n gets KSampler's noise of batch item n
     diff = np.abs(comfy.astype(int) - _as_uint8(bench).astype(int))
-    assert diff.max() <= MAX_LSB_DIFF, f"server image differs from bench/testbed/sample.py by {diff.max()} / 255"
+    assert diff.max() <= MAX_LSB_DIFF, f"server image differs from testbed/sample.py by {diff.max()} / 255"
     assert diff.mean() < 0.05
     assert comfy.std() > 20, "blank image"  # shapes on a background, not a flat fill
 

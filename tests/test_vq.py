@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from lowbit.quant_core import FileFormatError, LowBitError, RTNConfig, fileformat, quantize_layers
-from lowbit.quant_core.api import set_submodule
-from lowbit.quant_core.calibration import CalibrationRecord, record_unet_calls
+from lowbit.quant_core.qlayers import set_submodule
+from lowbit.quant_core.calib.record import CalibrationRecord, record_unet_calls
 from lowbit.quant_core.layouts.vq import VQ
-from lowbit.quant_core.methods.vq import VQConfig, block_of, distill
+from lowbit.quant_core.calib.replay import block_of
+from lowbit.quant_core.methods.vq import VQConfig, distill
 from lowbit.quant_core.qlayers import LowBitConv2d, LowBitLinear, make_quantized_layer, matrix_view
-from lowbit.quant_core.statistics import collect_xtx
+from lowbit.quant_core.calib.statistics import collect_xtx
 from lowbit.quant_core.vq_codec import fit_vq
 
 VQ_PARAMS = {"num_codebooks": 2, "codebook_bits": 8, "group_size": 8}

@@ -54,7 +54,7 @@ def test_wheel_holds_every_package(installed):
                for p in repo_root().rglob("__init__.py")
                if not any(part.startswith(".") or part == "tests" for part in p.relative_to(repo_root()).parts)}
     assert packages == in_repo
-    assert "lowbit/bench/testbed/weights/testbed.safetensors" in names
+    assert "lowbit/testbed/weights/testbed.safetensors" in names
     assert any(n.startswith("lowbit/workflows/") and n.endswith(".json") for n in names)
 
 

@@ -7,11 +7,11 @@ attention that uses these keys log-quantizes its probabilities, see lowbit.quant
 Their tensors are stored next to the weight's as `<layer>.act_in_*` / `<layer>.act_out_*` and described
 in the header entry under "activation", so a saved file rebuilds identical layers.
 
-Execution modes (one switch, `set_execution_mode`):
+Execution modes (scoped: `with execution("real"): ...`; "simulated" outside any such block):
 - "simulated": fake quantization, x̂ = (q − zero)·scale in fp32, then the dense fp matmul/conv with the
   dequantized weight (the form the papers evaluate).
-- "real": the integer path of lowbit.kernels.dispatch (int8 codes × int8/int4 weight codes, exact int32
-  accumulation; Triton on CUDA, the torch twins elsewhere). Per-tensor ranges are one scale, token groups
+- "real": the integer path of lowbit.quant_core.ops (int8 codes × int8/int4 weight codes, exact int32
+  accumulation; Triton on CUDA where lowbit.kernels registered it, the torch reference elsewhere). Per-tensor ranges are one scale, token groups
   are per-row scales folded into the epilogue, channel groups are per-K-block scales: the weight's K is
   stored in the permuted channel order of the input parameters, so every channel slice is one contiguous
   K-block. Both modes compute the same quantized inputs; outputs differ by fp32 summation order only
@@ -20,13 +20,15 @@ Execution modes (one switch, `set_execution_mode`):
   quantization, the softmax quantizer, and weights patched by the host (`weight_function`, e.g. LoRA: the
   patched dense weight multiplies the fake-quantized input).
 """
+import contextlib
+import contextvars
 from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels import dispatch
+from .. import ops
 from ..errors import FileFormatError, LowBitError
 from ..gptq import quantize_int_affine_gptq
 from ..layouts.int_affine import SUPPORTED_BITS, quantize_int_affine
@@ -38,19 +40,24 @@ from .quantizers import fake_quant
 
 EXECUTION_MODES = ("simulated", "real")
 REAL_PATH_MAX_BITS = 8
-_mode = "simulated"
+_mode = contextvars.ContextVar("lowbit_execution_mode", default="simulated")
 
 
-def set_execution_mode(mode: str) -> None:
-    """'simulated' (default) or 'real' for every activation-quantized layer (see the module docstring)."""
-    global _mode
+@contextlib.contextmanager
+def execution(mode: str):
+    """Run the activation-quantized layers inside the block in `mode` ('simulated' or 'real', module
+    docstring); a context variable, so other threads keep theirs."""
     if mode not in EXECUTION_MODES:
         raise LowBitError(f"unknown execution mode {mode!r}; choose one of {EXECUTION_MODES}")
-    _mode = mode
+    token = _mode.set(mode)
+    try:
+        yield
+    finally:
+        _mode.reset(token)
 
 
 def execution_mode() -> str:
-    return _mode
+    return _mode.get()
 
 
 class ActQuantMixin:
@@ -127,8 +134,8 @@ class ActQuantMixin:
         if axis == AXIS_TOKEN:
             scale, zero = scale.repeat(x.shape[0], 1), zero.repeat(x.shape[0], 1)
         act = None
-        if _mode == "real" and bits <= REAL_PATH_MAX_BITS:
-            act = dispatch.ActivationQuant(bits, scale, zero, params.block if axis == AXIS_CHANNEL else 0, perm)
+        if _mode.get() == "real" and bits <= REAL_PATH_MAX_BITS:
+            act = ops.ActivationQuant(bits, scale, zero, params.block if axis == AXIS_CHANNEL else 0, perm)
         if axis == AXIS_CHANNEL:
             order = torch.arange(self.in_features, device=x.device) if perm is None else torch.argsort(perm.long())
             column_slice = order // params.block
@@ -178,7 +185,7 @@ class ActQuantLinear(ActQuantMixin, LowBitLinear):
         return x.shape[1:-1].numel() if x.dim() > 2 else 1
 
     def integer_op(self, x, act):
-        return dispatch.int8_linear(x, self, act)
+        return ops.int8_linear(x, self, act)
 
     def quantized_dense_op(self, x, weight, bias, bits, scale, zero):
         xq = fake_quant(x.reshape(-1, self.in_features), scale, zero, bits).to(x.dtype)
@@ -206,7 +213,7 @@ class ActQuantConv2d(ActQuantMixin, LowBitConv2d):
         return h_out * w_out
 
     def integer_op(self, x, act):
-        return dispatch.int8_conv2d(x, self, act)
+        return ops.int8_conv2d(x, self, act)
 
     def quantized_dense_op(self, x, weight, bias, bits, scale, zero):
         if scale.numel() == 1:  # per tensor: quantize the input itself (padding zeros stay exact zeros)
@@ -240,7 +247,7 @@ def make_act_layer(module: nn.Module, weight_bits: int, range_search: bool, act_
                    hessian: Optional[torch.Tensor] = None):
     """The activation-quantized replacement of an nn.Linear / nn.Conv2d: `int_affine` weights, one range per
     output channel (min-max, or MSE-searched with range_search), K stored in act_in's channel order.
-    hessian: XᵀX [K, K] of the layer's inputs (matrix-view order, lowbit.quant_core.statistics): the codes are
+    hessian: XᵀX [K, K] of the layer's inputs (matrix-view order, lowbit.quant_core.calib.statistics): the codes are
     then GPTQ-rounded on that same grid (lowbit.quant_core.gptq) instead of rounded to nearest."""
     w = matrix_view(module.weight.detach())
     if act_in.perm is not None:

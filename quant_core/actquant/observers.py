@@ -1,8 +1,7 @@
 """Observers of activations while a UNet runs: per-slice min/max (DGQ) and per-tensor running or
 moving-average min/max (min-max baseline, PCR), attached with forward hooks for the duration of a `with`
-block; replay of recorded UNet calls."""
-import contextlib
-from typing import Callable, Mapping, Optional
+block (lowbit.quant_core.calib.statistics.observing)."""
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,27 +86,6 @@ class TensorMinMax:
             self.hi += self.averaging_constant * (hi - self.hi)
 
 
-@contextlib.contextmanager
-def observing(modules: Mapping[str, nn.Module], observe: Callable[[str, nn.Module, torch.Tensor], None],
-              outputs: bool = False):
-    """Call observe(name, module, tensor) with each module's input (or output) while the block runs."""
-    handles = []
-
-    def hook_for(name):
-        if outputs:
-            return lambda module, args, output: observe(name, module, output)
-        return lambda module, args: observe(name, module, args[0])
-
-    try:
-        for name, module in modules.items():
-            register = module.register_forward_hook if outputs else module.register_forward_pre_hook
-            handles.append(register(hook_for(name)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def calls_by_timestep(calls: list) -> dict:
     """{timestep: [calls]} of recorded UNet calls (kwargs dicts with `timesteps`), ascending timesteps."""
     grouped = {}
@@ -116,20 +94,12 @@ def calls_by_timestep(calls: list) -> dict:
     return dict(sorted(grouped.items()))
 
 
-@torch.no_grad()
-def replay(unet: nn.Module, calls: list) -> None:
-    """Run `unet` on recorded calls (tensors moved to the UNet's device)."""
-    device = next(unet.parameters()).device
-    for call in calls:
-        unet(**{k: v.to(device) for k, v in call.items()})
-
-
 def recorded_calls(calibration, method: str) -> list:
-    """The UNet calls of a calibration record (lowbit.quant_core.calibration.CalibrationRecord)."""
+    """The UNet calls of a calibration record (lowbit.quant_core.calib.record.CalibrationRecord)."""
     calls = getattr(calibration, "inputs", None)
     if not calls:
         raise LowBitError(f"{method} calibrates activations: pass a calibration record of sampler calls "
-                          "(lowbit.quant_core.calibration.record_unet_calls)")
+                          "(lowbit.quant_core.calib.record.record_unet_calls)")
     if any("timesteps" not in call for call in calls):
         raise LowBitError(f"{method}: every recorded UNet call needs its `timesteps`")
     return calls

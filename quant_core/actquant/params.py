@@ -24,7 +24,7 @@ import torch
 
 from ..errors import FileFormatError
 from .grouping import AXIS_CHANNEL, AXIS_TENSOR, AXIS_TOKEN
-from .quantizers import uniform_params
+from ..layouts.int_affine import affine_params
 
 MAX_BITS = 16
 
@@ -136,7 +136,7 @@ class ActParams:
             qmax = 2 ** bits - 1
             lo = (-zero[used].float() * scale[used]).min()
             hi = ((qmax - zero[used].float()) * scale[used]).max()
-            s, z = uniform_params(lo, hi, bits)
+            s, z = affine_params(lo, hi, bits)
             return AXIS_TENSOR, bits, s.reshape(1, 1), z.reshape(1, 1)
         return axis, bits, scale[:1].reshape(1, 1), zero[:1].reshape(1, 1)
 
@@ -147,7 +147,7 @@ def single_range(timesteps, lo, hi, bits) -> ActParams:
     scale = torch.empty(len(bits), 1)
     zero = torch.empty(len(bits), 1, dtype=torch.int32)
     for i, b in enumerate(bits.tolist()):
-        scale[i, 0], zero[i, 0] = uniform_params(torch.as_tensor(lo[i]), torch.as_tensor(hi[i]), b)
+        scale[i, 0], zero[i, 0] = affine_params(torch.as_tensor(lo[i]), torch.as_tensor(hi[i]), b)
     n = len(bits)
     return ActParams(torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1), bits,
                      torch.full((n,), AXIS_TENSOR, dtype=torch.uint8), torch.zeros(n, 0, dtype=torch.uint8),

@@ -1,23 +1,11 @@
 """Activation quantizers: asymmetric uniform (fake-quant with given parameters) and logarithmic (softmax
 outputs).
 
-Uniform convention, shared with the integer kernels (lowbit.kernels.twins): for a range [lo, hi] widened to
-contain 0, scale = (hi − lo) / (2^b − 1) (1 where the range is empty) and zero = clamp(round(−lo / scale), 0,
-2^b − 1); a value maps to the code q = clamp(round_half_even(x / scale) + zero, 0, 2^b − 1) and back to
+Uniform convention, shared with the weights and the integer path: the grid of a range [lo, hi] is
+lowbit.quant_core.layouts.int_affine.affine_params; a value maps to the code q = clamp(round_half_even(x / scale) + zero, 0, 2^b − 1) and back to
 (q − zero) · scale. Zero is represented exactly, so zero padding quantizes to zero.
 """
 import torch
-
-
-def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale fp32, zero int32) of asymmetric `bits`-bit grids spanning the ranges [lo, hi] (elementwise)."""
-    qmax = 2 ** bits - 1
-    lo = torch.clamp(lo.float(), max=0.0)
-    hi = torch.clamp(hi.float(), min=0.0)
-    scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zero.to(torch.int32)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -66,5 +66,21 @@ def validate_tensors(layout: type[Layout], params: Mapping, out_features: int, i
                                   "quantized from a broken model: re-create it from a finite model")
 
 
+def matrix_view(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] stays; Conv2d [out, in, kh, kw] -> [out, kh*kw*in] (groups of K = input channels at a tap)."""
+    if weight.dim() == 4:
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return weight
+
+
+def weight_from_matrix(matrix: torch.Tensor, weight_shape) -> torch.Tensor:
+    """Inverse of matrix_view: [N, K] in the logical weight shape (Linear: itself; Conv2d: one permuting copy
+    from [out, kh, kw, in] to PyTorch's [out, in, kh, kw])."""
+    if len(weight_shape) == 2:
+        return matrix
+    out, cin, kh, kw = weight_shape
+    return matrix.reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+
+
 from . import int_affine  # noqa: E402,F401  (registers the built-in layouts)
 from . import vq  # noqa: E402,F401

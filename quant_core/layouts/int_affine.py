@@ -30,18 +30,25 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out, n_groups, g)
 
 
-def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (fp16-representable) and integer zero point for ranges [lo, hi] that contain 0."""
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, stored_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale fp32, zero int32) of asymmetric `bits`-bit grids spanning the ranges [lo, hi] widened to contain 0
+    (elementwise): scale = (hi − lo) / (2^b − 1), 1 where a range is empty; zero = clamp(round(−lo / scale), 0,
+    2^b − 1). The one range convention of weights, activations and the integer path (lowbit.quant_core.reference).
+    stored_dtype: the scale is first rounded up to a value that dtype holds (weights store fp16 scales), so the
+    grid still spans [lo, hi] and the zero point fits the stored scale."""
     qmax = 2 ** bits - 1
-    lo = torch.minimum(lo, torch.zeros_like(lo))
-    hi = torch.maximum(hi, torch.zeros_like(hi))
-    scale = (hi - lo) / qmax
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    # a tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal, one ulp off the
+    # kernels' IEEE division (seen on an H200: activation codes off by one)
+    scale = (hi - lo) / torch.full_like(hi, qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    # round to the stored fp16 value, upwards, so the grid still spans [lo, hi]
-    s16 = scale.to(torch.float16)
-    scale = torch.where(s16.float() < scale, torch.nextafter(s16, torch.full_like(s16, torch.inf)), s16).float()
+    if stored_dtype is not None:
+        stored = scale.to(stored_dtype)
+        scale = torch.where(stored.float() < scale, torch.nextafter(stored, torch.full_like(stored, torch.inf)),
+                            stored).float()
     zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zero
+    return scale, zero.to(torch.int32)
 
 
 def quantize_int_affine(w: torch.Tensor, bits: int, group_size: int, range_search: bool = False) -> dict:
@@ -60,12 +67,12 @@ def quantize_int_affine(w: torch.Tensor, bits: int, group_size: int, range_searc
     def codes(scale, zero):
         return (wg / scale[..., None]).round_().add_(zero[..., None]).clamp_(0, qmax)
 
-    scale, zero = affine_params(lo, hi, bits)
+    scale, zero = affine_params(lo, hi, bits, torch.float16)
     q = codes(scale, zero)
     if range_search:
         best_err = ((q - zero[..., None]) * scale[..., None] - wg).pow_(2).sum(-1)
         for shrink in torch.linspace(0.975, 0.25, 30).tolist():
-            s2, z2 = affine_params(lo * shrink, hi * shrink, bits)
+            s2, z2 = affine_params(lo * shrink, hi * shrink, bits, torch.float16)
             q2 = codes(s2, z2)
             err = ((q2 - z2[..., None]) * s2[..., None] - wg).pow_(2).sum(-1)
             better = err < best_err

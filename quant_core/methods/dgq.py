@@ -35,11 +35,14 @@ import torch
 from ..actquant.context import bind
 from ..actquant.grouping import AXIS_TOKEN, choose_axis, cluster_slices, spread
 from ..actquant.layers import check_bits, make_act_layer
-from ..actquant.observers import SliceMinMax, calls_by_timestep, observing, recorded_calls, replay, slice_extrema
+from ..actquant.observers import SliceMinMax, calls_by_timestep, recorded_calls, slice_extrema
 from ..actquant.params import ActParams, single_range
-from ..actquant.quantizers import log_levels_per_octave, uniform_params
+from ..actquant.quantizers import log_levels_per_octave
+from ..calib.replay import replay
+from ..calib.statistics import observing
 from ..errors import LowBitError
-from . import Method, register_method
+from ..layouts.int_affine import affine_params
+from .base import Method, register_method
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v")
 MAX_GROUPS = 255
@@ -124,7 +127,7 @@ class _QuantizerStats:
                 token_group[i, first:] = chosen.labels.to(torch.uint8)
             else:
                 channel_group[i] = chosen.labels.to(torch.uint8)
-            scale[i], zero[i] = uniform_params(chosen.lo, chosen.hi, bits)
+            scale[i], zero[i] = affine_params(chosen.lo, chosen.hi, bits)
         return ActParams(timesteps, torch.full((n_steps,), bits, dtype=torch.uint8), axis, channel_group,
                          token_group, scale, zero, None if perm is None else perm.to(torch.int32), block,
                          self.skip_first_token)
@@ -136,7 +139,7 @@ class DGQ(Method):
     config_type = DGQConfig
     needs_calibration = True
 
-    def quantize_model(self, unet, layers, config, calibration=None, progress=None):
+    def quantize_model(self, unet, layers, config, calibration=None, progress=None, *, sampler=None, resume=None):
         by_timestep = calls_by_timestep(recorded_calls(calibration, self.name))
         roles = {name: attention_role(name) for name in layers} if config.quantize_attention else {}
         outputs = {name: layers[name] for name, role in roles.items() if role is not None}

@@ -5,9 +5,11 @@ timestep, so the UNet needs no binding."""
 from dataclasses import dataclass
 
 from ..actquant.layers import check_bits, make_act_layer
-from ..actquant.observers import TensorMinMax, observing, recorded_calls, replay
+from ..actquant.observers import TensorMinMax, recorded_calls
+from ..calib.statistics import observing
 from ..actquant.params import single_range
-from . import Method, register_method
+from ..calib.replay import replay
+from .base import Method, register_method
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class MinMax(Method):
     config_type = MinMaxConfig
     needs_calibration = True
 
-    def quantize_model(self, unet, layers, config, calibration=None, progress=None):
+    def quantize_model(self, unet, layers, config, calibration=None, progress=None, *, sampler=None, resume=None):
         calls = recorded_calls(calibration, self.name)
         observers = {name: TensorMinMax() for name in layers}
         with observing(layers, lambda name, module, x: observers[name].update(x)):

@@ -6,10 +6,10 @@ recorded full-precision calibration calls (lowbit.quant_core.gptq; AdaRound/BREC
 done), inputs per tensor asymmetric with one range per sampling step from moving-average min/max observers.
 Attention matmuls stay in full precision.
 
-Calibration needs to sample: `calibration.settings["sampler"]` must be a callable `sampler(unet)` that runs
-the calibration sampling (fixed prompts, seeds, schedule; deterministic) through `unet`'s forward. It lives in
-memory only (a record holding it cannot be saved). Steps are the distinct timesteps in the order the sampler
-first uses them.
+Calibration needs to sample: `quantize(..., sampler=...)` takes a callable `sampler(unet)` that runs the
+calibration sampling (fixed prompts, seeds, schedule; deterministic) through `unet`'s forward (the API's default
+re-runs the record's own trajectories, lowbit.quant_core.calib.trajectory). Steps are the distinct timesteps in
+the order the sampler first uses them.
 1. Full-precision pass: per-step observers of every layer input, then weights quantized and every step's
    range set (with `progressive=False` this is the result: "one-shot"). GPTQ rounding needs each layer's XᵀX:
    it comes from replaying the calibration record's calls (which must be the sampler's full-precision calls,
@@ -22,9 +22,9 @@ first uses them.
    from what it saw, so each step is fit to the latents the quantized trajectory produces. Cost: S(S+1)/2
    UNet steps, about (S+1)/2 sampling passes; printed before it starts. methods.md's loop stops at t = S−1,
    leaving the last step at its full-precision range; here every step is refit.
-   With `checkpoint` set, the observer state is written to that file (atomically) after the full-precision
-   pass and after every step; a run with the same configuration, model and calibration settings resumes
-   from it and produces an identical result. Delete the file to recalibrate from scratch.
+   With `resume` (a lowbit.quant_core.calib.resume.Checkpoint), the observer state is saved there after the
+   full-precision pass and after every step; a run with the same configuration, model and calibration
+   settings resumes from it and produces an identical result.
 3. Activation relaxing: `relax_bits` (10) activations on `relax_fraction` (20%) of the steps, the first ones
    by default (SDXL: near x_T, text alignment) or the last (SD: near x_0); weights unchanged. 10-bit
    activations are fake-quantized in fp (the integer GEMM takes at most 8-bit codes), also in "real" mode.
@@ -34,29 +34,24 @@ At inference every step's range is selected by the nearest calibrated timestep
 import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from ..actquant.context import bind
 from ..actquant.layers import check_bits, make_act_layer
-from ..actquant.observers import TensorMinMax, observing
+from ..actquant.observers import TensorMinMax
 from ..actquant.params import single_range
-from ..actquant.quantizers import uniform_params
+from ..calib.replay import blocks_in_order, replay
+from ..calib.statistics import collect_xtx, observing
 from ..errors import LowBitError
-from ..qlayers import matrix_view
-from ..statistics import collect_xtx
-from . import Method, register_method
-from .vq import blocks_in_order, replay_until
+from ..layouts.int_affine import affine_params
+from ..qlayers import matrix_view, set_submodule
+from .base import Method, register_method
 
-SAMPLER_KEY = "sampler"
 RELAX_CHOICES = ("none", "first", "last")
 ROUNDING_CHOICES = ("minmax", "gptq")
-CHECKPOINT_KEY = "lowbit_pcr_checkpoint"
 XTX_BUDGET_BYTES = 2 ** 31  # XᵀX held at once for GPTQ rounding; a block above it is replayed alone
 
 
@@ -70,7 +65,6 @@ class PCRConfig:
     relax_bits: int = 10
     averaging_constant: float = 0.01
     weight_rounding: str = "minmax"  # "minmax": round to nearest; "gptq": error-feedback rounding, same grid
-    checkpoint: str = ""          # progressive-calibration checkpoint file ('' = none); not part of the result
 
     def __post_init__(self):
         check_bits("PCR", self.weight_bits, self.act_bits)
@@ -131,42 +125,29 @@ def _run(unet, sampler, tracker: _StepTracker, stop_at=None):
 
 def _fingerprint(layers: dict, config: PCRConfig, settings: dict) -> str:
     h = hashlib.sha256()
-    described = {k: v for k, v in asdict(config).items() if k != "checkpoint"}
-    plain = {k: v for k, v in settings.items() if k != SAMPLER_KEY}
-    h.update(json.dumps([described, plain, list(layers)], sort_keys=True, default=str).encode())
+    h.update(json.dumps([asdict(config), settings, list(layers)], sort_keys=True, default=str).encode())
     for module in layers.values():
         h.update(matrix_view(module.weight.detach()).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def _save_checkpoint(path, fingerprint, done, timesteps, observers):
+def _save_state(resume, fingerprint, done, timesteps, observers):
     names = list(observers)
     table = {"lo": torch.tensor([[float("nan") if o.lo is None else o.lo for o in observers[n]] for n in names],
                                 dtype=torch.float64),
              "hi": torch.tensor([[float("nan") if o.hi is None else o.hi for o in observers[n]] for n in names],
                                 dtype=torch.float64),
              "timesteps": torch.tensor(timesteps, dtype=torch.float64)}
-    meta = json.dumps({"fingerprint": fingerprint, "done": done, "layers": names})
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file(table, tmp, metadata={CHECKPOINT_KEY: meta})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    resume.save_state(table, {"fingerprint": fingerprint, "done": done, "layers": names})
 
 
-def _load_checkpoint(path, fingerprint, averaging_constant):
-    """(done, timesteps, observers) from a checkpoint of the same calibration, else None."""
-    if not path or not os.path.exists(path):
+def _load_state(resume, fingerprint, averaging_constant):
+    """(done, timesteps, observers) from a saved state of the same calibration, else None."""
+    saved = None if resume is None else resume.load_state()
+    if saved is None:
         return None
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[CHECKPOINT_KEY])
-        table = load_file(path)
-    except Exception as e:  # safetensors raises its own error types
-        raise LowBitError(f"PCR checkpoint {path} is unreadable ({e}); delete it to start over") from None
-    if meta["fingerprint"] != fingerprint:
+    table, meta = saved
+    if meta.get("fingerprint") != fingerprint:
         return None
     observers = {}
     for row, name in enumerate(meta["layers"]):
@@ -214,7 +195,7 @@ def _refit_step(unet, quantized, observers, sampler, tracker: _StepTracker, step
         if obs.lo is None:  # not called at this step: keeps what it had
             obs.lo, obs.hi = before[name]
             continue
-        scale, zero = uniform_params(torch.tensor(obs.lo), torch.tensor(obs.hi), bits)
+        scale, zero = affine_params(torch.tensor(obs.lo), torch.tensor(obs.hi), bits)
         layer.act_in_scale.data[index, 0] = scale
         layer.act_in_zero.data[index, 0] = zero
 
@@ -244,7 +225,7 @@ def _blocks_with_hessians(unet, layers: dict, calibration, gptq: bool):
         return
     for last_block, group in _replay_groups(unet, layers):
         block = unet.get_submodule(last_block)
-        yield group, collect_xtx(unet, group, lambda: replay_until(unet, calibration, block))
+        yield group, collect_xtx(unet, group, lambda: replay(unet, calibration.inputs, stop_after=block))
 
 
 @register_method
@@ -252,30 +233,25 @@ class PCR(Method):
     name = "pcr"
     config_type = PCRConfig
     needs_calibration = True
+    needs_sampler = True
 
-    def describe(self, config):
-        return {k: v for k, v in asdict(config).items() if k != "checkpoint"}
-
-    def quantize_model(self, unet, layers, config, calibration=None, progress=None):
-        from ..api import set_submodule  # the api imports the methods
+    def quantize_model(self, unet, layers, config, calibration=None, progress=None, *, sampler=None, resume=None):
         settings = getattr(calibration, "settings", None) or {}
-        sampler = settings.get(SAMPLER_KEY)
         if not callable(sampler):
-            raise LowBitError("PCR samples during calibration: pass a calibration record whose "
-                              f"settings['{SAMPLER_KEY}'] is a callable sampler(unet) running the calibration "
-                              "prompts (deterministic)")
+            raise LowBitError("PCR samples during calibration: pass sampler=, a callable sampler(unet) running "
+                              "the calibration prompts (deterministic)")
         gptq = config.weight_rounding == "gptq"
         if gptq and len(calibration) == 0:  # checked before any sampling
             raise LowBitError("PCR weight_rounding='gptq' needs the calibration record's recorded UNet calls (XᵀX "
                               "of every layer's inputs); this record has none")
         fingerprint = _fingerprint(layers, config, settings)
-        resumed = _load_checkpoint(config.checkpoint, fingerprint, config.averaging_constant)
+        resumed = _load_state(resume, fingerprint, config.averaging_constant)
         tracker = _StepTracker()
         if resumed is None:
             done = 0
             observers = _full_precision_pass(unet, layers, sampler, tracker, config.averaging_constant)
-            if config.checkpoint:
-                _save_checkpoint(config.checkpoint, fingerprint, 0, tracker.timesteps, observers)
+            if resume is not None:
+                _save_state(resume, fingerprint, 0, tracker.timesteps, observers)
         else:
             done, tracker.timesteps, observers = resumed
         n_steps = len(tracker.timesteps)
@@ -310,8 +286,8 @@ class PCR(Method):
                     set_submodule(unet, name, layer)
                 for t in range(done + 1, n_steps + 1):
                     _refit_step(unet, result, observers, sampler, tracker, t - 1, bits[t - 1], order.index(t - 1))
-                    if config.checkpoint:
-                        _save_checkpoint(config.checkpoint, fingerprint, t, tracker.timesteps, observers)
+                    if resume is not None:
+                        _save_state(resume, fingerprint, t, tracker.timesteps, observers)
                     if progress:
                         progress(1 + t, total, f"progressive step {t}/{n_steps}")
             finally:

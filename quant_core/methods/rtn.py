@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..errors import LowBitError
 from ..layouts.int_affine import SUPPORTED_BITS, quantize_int_affine
 from ..qlayers import make_quantized_layer, matrix_view
-from . import Method, register_method
+from .base import Method, register_method
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+from ..calib.replay import blocks_in_order, replay
+from ..calib.statistics import collect_xtx
 from ..errors import LowBitError
 from ..layouts.vq import CODEBOOK_BITS, MAX_CODEBOOKS
-from ..qlayers import make_quantized_layer, matrix_view
-from ..statistics import collect_xtx
+from ..qlayers import make_quantized_layer, matrix_view, set_submodule
 from ..vq_codec import fit_vq
-from . import Method, register_method
+from .base import Method, register_method
 
 GROUP_SIZE = 8
 _FORMAT = re.compile(r"(\d+)x8g8")
@@ -83,53 +85,8 @@ def quantize_vq_layer(name: str, module: nn.Module, hessian: Optional[torch.Tens
                                 {"codes": fit.codes, "codebooks": fit.codebooks, "scales": fit.scales})
 
 
-def block_of(name: str) -> str:
-    """The UNet block a layer belongs to: input_blocks.<i>, middle_block or output_blocks.<i> (else itself)."""
-    parts = name.split(".")
-    if parts[0] in ("input_blocks", "output_blocks") and len(parts) > 2:
-        return ".".join(parts[:2])
-    if parts[0] == "middle_block" and len(parts) > 1:
-        return "middle_block"
-    return name
-
-
-def blocks_in_order(unet: nn.Module, layers: dict) -> dict:
-    """{block name: {layer name: module}} of `layers` grouped by block_of, blocks in `unet`'s module order."""
-    order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
-    blocks = {}
-    for name in sorted(layers, key=order.__getitem__):
-        blocks.setdefault(block_of(name), {})[name] = layers[name]
-    return blocks
-
-
-class _ReplayDone(Exception):
-    """Raised by a hook once the block being measured has run: the rest of the UNet is not needed."""
-
-
-def _inputs_on(step: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in step.items()}
-
-
-def replay_until(unet: nn.Module, calibration, stop_after: nn.Module) -> None:
-    """Run every recorded call through `unet`, cutting each forward short after `stop_after` ran."""
-    def stop(module, args, output):
-        raise _ReplayDone
-
-    device = next(unet.parameters()).device
-    handle = stop_after.register_forward_hook(stop)
-    try:
-        for step in calibration.inputs:
-            try:
-                unet(**_inputs_on(step, device))
-            except _ReplayDone:
-                pass
-    finally:
-        handle.remove()
-
-
 def _swap(unet: nn.Module, modules: dict) -> dict:
     """Put `modules` (name -> module) into `unet`; returns the modules they replaced."""
-    from ..api import set_submodule
     replaced = {}
     for name, module in modules.items():
         replaced[name] = unet.get_submodule(name)
@@ -143,7 +100,6 @@ def distill(unet: nn.Module, quantized: dict, calibration, steps: int, lr: float
     copies, step size `lr` times each tensor's mean magnitude; the fp16 tensors are updated in place at the end.
     Returns the loss of every step.
     """
-    from ...kernels import dispatch
     masters, groups = {}, []
     for name, layer in quantized.items():
         for tensor_name in ("codebooks", "scales"):
@@ -156,11 +112,11 @@ def distill(unet: nn.Module, quantized: dict, calibration, steps: int, lr: float
     losses = []
     # the reference decode is differentiable, the fused kernels are not
     try:
-        with dispatch.reference_only(), torch.enable_grad():
+        with ops.reference_only(), torch.enable_grad():
             for step in range(steps):
                 i = step % len(calibration)
                 overrides = {key: master for key, (_, master) in masters.items()}
-                out = torch.func.functional_call(unet, overrides, kwargs=_inputs_on(calibration.inputs[i], device))
+                out = torch.func.functional_call(unet, overrides, kwargs={k: v.to(device) for k, v in calibration.inputs[i].items()})
                 loss = F.mse_loss(out.float(), calibration.outputs[i].to(device).float())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -188,7 +144,7 @@ class VQ(Method):
                 progress(i + 1, len(layers), name)
         return out
 
-    def quantize_model(self, unet, layers, config, calibration=None, progress=None):
+    def quantize_model(self, unet, layers, config, calibration=None, progress=None, *, sampler=None, resume=None):
         if calibration is None or len(calibration) == 0:
             warnings.warn("VQ without a calibration record: data-free fit of the weights only (lower quality); "
                           "record calibration calls for the Hessian-aware method", stacklevel=2)
@@ -200,7 +156,7 @@ class VQ(Method):
         try:
             for block_name, block_layers in blocks_in_order(unet, layers).items():
                 block = unet.get_submodule(block_name)
-                hessians = collect_xtx(unet, block_layers, lambda: replay_until(unet, calibration, block))
+                hessians = collect_xtx(unet, block_layers, lambda: replay(unet, calibration.inputs, stop_after=block))
                 for name, module in block_layers.items():
                     # a layer the replay never reached (nothing to measure) gets the data-free fit
                     quantized[name] = quantize_vq_layer(name, module, hessians.get(name), config)

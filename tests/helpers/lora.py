@@ -35,7 +35,7 @@ def lora_delta(lora, name, shape):
 def dense_reference(unet, names, loras):
     """Within the block, the LowBit layers `names` of `unet` are replaced by dense fp32 layers holding their
     dequantized weight + Σ strength x LoRA delta, computed here without ComfyUI's patch code; restored after."""
-    from lowbit.quant_core.api import set_submodule
+    from lowbit.quant_core.qlayers import set_submodule
     originals = {name: unet.get_submodule(name) for name in names}
     try:
         for name, m in originals.items():

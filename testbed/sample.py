@@ -112,7 +112,7 @@ def save_grid(images: torch.Tensor, prompts: list[str], path, scale: int = 4, co
 def main():
     """Alignment of the shipped testbed on in-domain and held-out prompts, and a sample grid."""
     import argparse
-    from ...quant_core.testbed.data import held_out_prompts, in_domain_prompts
+    from .data import held_out_prompts, in_domain_prompts
     from .model import WEIGHTS_DIR, load_classifier, load_testbed
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--n", type=int, default=128, help="prompts per split")

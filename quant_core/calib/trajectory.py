@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import LowBitError
+from ..errors import LowBitError
 
 COND, UNCOND = 0, 1  # ComfyUI's cond_or_uncond labels
 
@@ -76,7 +76,7 @@ def trajectory_sampler(record, cfg=None, sigmas=None) -> Callable[[nn.Module], N
     cfg defaults to record.settings['cfg'] (1 when absent)."""
     if not len(record) or any("timesteps" not in call or "x" not in call for call in record.inputs):
         raise LowBitError("calibration record: re-running its trajectories needs recorded 'x' and 'timesteps' "
-                          "for every call; record it with LowBitCalibrate or lowbit.quant_core.calibration")
+                          "for every call; record it with LowBitCalibrate or lowbit.quant_core.calib.record")
     cfg = float(record.settings.get("cfg", 1.0) if cfg is None else cfg)
     sigmas = discrete_sigmas() if sigmas is None else sigmas
     paths = trajectories(record)

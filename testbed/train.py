@@ -1,7 +1,7 @@
 """Train the testbed text-to-image model, or (--classifier) its attribute classifier.
 
-    python -m lowbit.bench.testbed.train                # UNet + text encoder -> weights/testbed.safetensors
-    python -m lowbit.bench.testbed.train --classifier   # -> weights/classifier.safetensors
+    python -m lowbit.testbed.train                # UNet + text encoder -> weights/testbed.safetensors
+    python -m lowbit.testbed.train --classifier   # -> weights/classifier.safetensors
 
 Diffusion objective: epsilon prediction on SDXL's discrete schedule (scaled-linear betas 0.00085 ->
 0.012, 1000 steps), exactly what ComfyUI's ModelSamplingDiscrete + EPS assume, so KSampler samples the
@@ -24,9 +24,9 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from ...quant_core.testbed.classifier import AttributeClassifier, classifier_loss
-from ...quant_core.testbed.data import IMAGE_SIZE, random_scene, render, training_batch
-from ...quant_core.testbed.text import TextEncoder, TextEncoderConfig, Tokenizer
+from .classifier import AttributeClassifier, classifier_loss
+from .data import IMAGE_SIZE, random_scene, render, training_batch
+from .text import TextEncoder, TextEncoderConfig, Tokenizer
 from .model import (CLASSIFIER_WEIGHTS, TESTBED_WEIGHTS, TEXT_PREFIX, UNET_PREFIX, WEIGHTS_DIR, adm_vector,
                     alphas_cumprod, build_unet, image_to_unet, read_metadata, split_state_dict, unet_config)
 

@@ -1,25 +1,32 @@
-"""Resumable quantization: finished layers are kept in a checkpoint folder so an interrupted run goes on.
+"""Resumable quantization: one checkpoint mechanism for every method.
 
-A `LayerCheckpoint` is a folder of part files, each a LowBit file (lowbit.quant_core.fileformat) holding only
-quantized layers; parts are written atomically, so an interrupt loses at most the part being worked on. The
-folder is named by `run_key` (method + its config + layer names, shapes and a sample of their weights, + the
-calibration record), so a different model, config or record never resumes from it. `clear()` removes it
-once the whole result is safely written elsewhere.
+A `Checkpoint` is a folder named by `run_key` (method + its config + layer names, shapes and a sample of their
+weights, + the calibration record), so a different model, config or record never resumes from it. It holds
+- parts: LowBit files (lowbit.quant_core.fileformat) of finished layers, for methods whose layers are
+  independent (`quantize_in_parts`): an interrupt loses at most the part being worked on;
+- state: one safetensors file of a model-running method's own progress (PCR: its observers after each step).
+Every file is written with fileformat.atomic_write. `clear()` removes the folder once the result is safe.
 """
 import hashlib
 import json
 import os
 import re
 import shutil
+from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from . import fileformat
-from .qlayers import matrix_view
+from .. import fileformat
+from ..errors import LowBitError
+from ..layouts import matrix_view
 
 PART = re.compile(r"part_(\d{5})\.safetensors")
 PART_LAYERS = 64      # layers per part: an interrupt loses at most this many
 WEIGHT_SAMPLE = 4096  # values per weight that enter the key: cheap on 2.5 B parameters, still model-specific
+STATE_FILE = "state.safetensors"
+STATE_KEY = "lowbit_state"
 
 
 def run_key(method: str, method_config: dict, layers: dict, calibration_id: str = "") -> str:
@@ -32,9 +39,15 @@ def run_key(method: str, method_config: dict, layers: dict, calibration_id: str 
     return h.hexdigest()[:20]
 
 
-class LayerCheckpoint:
+class Checkpoint:
     def __init__(self, folder: str, method: str, method_config: dict):
         self.folder, self.method, self.method_config = folder, method, method_config
+
+    @classmethod
+    def for_run(cls, root: str, method: str, method_config: dict, layers: dict, calibration_id: str = ""):
+        """The checkpoint of this run under `root` (one subfolder per run_key)."""
+        key = run_key(method, method_config, layers, calibration_id)
+        return cls(os.path.join(root, f"{method}_{key}"), method, method_config)
 
     def parts(self) -> list:
         if not os.path.isdir(self.folder):
@@ -54,11 +67,29 @@ class LayerCheckpoint:
         index = len(self.parts())
         fileformat.save(os.path.join(self.folder, f"part_{index:05d}.safetensors"), tensors, header)
 
+    def save_state(self, tensors: dict, meta: dict) -> None:
+        """Replace the method's state (tensors + JSON-able meta) atomically."""
+        fileformat.save_safetensors(os.path.join(self.folder, STATE_FILE), tensors,
+                                    {STATE_KEY: json.dumps(meta, sort_keys=True)}, overwrite=True)
+
+    def load_state(self) -> Optional[tuple]:
+        """(tensors, meta) of the saved state, None when there is none."""
+        path = os.path.join(self.folder, STATE_FILE)
+        if not os.path.exists(path):
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {})[STATE_KEY])
+            return load_file(path), meta
+        except Exception as e:  # safetensors raises its own error types
+            raise LowBitError(f"checkpoint state {path} is unreadable ({e}); delete {self.folder} to start "
+                              "over") from None
+
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def quantize_in_parts(quantize_chunk, layers: dict, checkpoint: LayerCheckpoint, progress=None) -> dict:
+def quantize_in_parts(quantize_chunk, layers: dict, checkpoint: Checkpoint, progress=None) -> dict:
     """Quantize independent layers chunk by chunk (`quantize_chunk(chunk, progress)`), saving each chunk as a
     part and skipping layers a previous run finished. Same result as one uninterrupted call."""
     done = {name: layer for name, layer in checkpoint.load().items() if name in layers}

@@ -29,10 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, safe_open
 
-from ...quant_core.testbed.data import IMAGE_SIZE
-from ...quant_core.testbed.text import TextEncoder, TextEncoderConfig, Tokenizer
+from .data import IMAGE_SIZE
+from .text import TextEncoder, TextEncoderConfig, Tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TESTBED_WEIGHTS = WEIGHTS_DIR / "testbed.safetensors"
 CLASSIFIER_WEIGHTS = WEIGHTS_DIR / "classifier.safetensors"
@@ -160,7 +160,7 @@ def load_testbed(path=TESTBED_WEIGHTS, device="cpu", dtype=torch.float32):
 
 
 def load_classifier(path=CLASSIFIER_WEIGHTS, device="cpu"):
-    from ...quant_core.testbed.classifier import AttributeClassifier
+    from .classifier import AttributeClassifier
     return AttributeClassifier.load(path, device)
 
 

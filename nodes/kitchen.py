@@ -10,7 +10,7 @@ comfy_kitchen) registers one layout per LowBit layout:
   group_size.
 
 `dequantize` is the LowBit layout's torch reference; `linear` (as ComfyUI's ops reach it: `t` then `mm` /
-`addmm`, or `aten.linear` directly) and `convolution` go through lowbit.kernels.dispatch, i.e. the fused Triton
+`addmm`, or `aten.linear` directly) and `convolution` go through lowbit.quant_core.ops, i.e. the Triton
 kernels on a CUDA GPU and the torch reference elsewhere. `QuantizedTensor.from_float(w, "LowBitIntAffineLayout",
 bits=4, group_size=128)` quantizes round-to-nearest; `"LowBitVQLayout"` runs the data-free VQ fit
 (lowbit.quant_core.vq_codec.fit_vq, H = I). `to_quantized_tensor(layer)` wraps a LowBit layer's packed tensors
@@ -31,7 +31,7 @@ from ..quant_core.layouts.int_affine import quantize_int_affine
 from ..quant_core.layouts.vq import CODEBOOK_BITS
 from ..quant_core.qlayers import LowBitConv2d, LowBitLinear, QuantizedLayer, matrix_view
 from ..quant_core.vq_codec import fit_vq
-from . import dispatch
+from ..quant_core import ops
 
 
 class _LowBitLayout(QuantizedLayout):
@@ -189,7 +189,7 @@ def _linear(x, weight, bias):
         x = x.dequantize()
     cls = layout_of(weight)
     fused_bias = bias if bias is None or bias.dim() == 1 else None
-    y = dispatch.linear(x, cls.layer(weight._qdata, weight._params, fused_bias))
+    y = ops.linear(x, cls.layer(weight._qdata, weight._params, fused_bias))
     return y if fused_bias is not None or bias is None else y + bias
 
 
@@ -223,7 +223,7 @@ def _handle_convolution(qt, args, kwargs):
     if isinstance(x, QuantizedTensor):
         x = x.dequantize()
     layer = layout_of(weight).layer(weight._qdata, weight._params, bias, (stride, padding, dilation))
-    return dispatch.conv2d(x, layer)
+    return ops.conv2d(x, layer)
 
 
 for _cls in KITCHEN_LAYOUTS.values():

@@ -11,8 +11,10 @@ cores can consume it; `zero` is always given in the unsigned domain [0, 2^b − 
 """
 import torch
 
-from ..quant_core.layouts.vq import group_sums
-from ..quant_core.packing import unpack_bits
+from .layouts import get_layout, weight_from_matrix
+from .layouts.int_affine import affine_params
+from .layouts.vq import group_sums
+from .packing import unpack_bits
 
 ACT_OFFSET = 128  # stored int8 activation = unsigned code − 128
 
@@ -22,22 +24,13 @@ def weight_offset(bits: int) -> int:
     return 128 if bits == 8 else 0
 
 
-def _dense_layout(w: torch.Tensor, weight_shape) -> torch.Tensor:
-    """Matrix view [N, K] (k = tap * in + c) -> the logical weight shape ([N, K] or [N, in, kh, kw])."""
-    if len(weight_shape) == 2:
-        return w
-    n_out, cin, kh, kw = weight_shape
-    return w.reshape(n_out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
-
-
 # ---- int_affine (weight-only) ---------------------------------------------------------------------------
 
 def affine_matrix(qweight, scale, zero, bits, group_size):
-    """fp32 [N, K] matrix view: (q − zero) · scale per output row and group of K."""
-    K = qweight.shape[1] * 8 // bits
-    q = unpack_bits(qweight, bits, K).float()
-    group = torch.arange(K, device=q.device) // (group_size or K)
-    return (q - zero.float()[:, group]) * scale.float()[:, group]
+    """fp32 [N, K] matrix view: the int_affine layout's dequantize."""
+    n_out, K = qweight.shape[0], qweight.shape[1] * 8 // bits
+    return get_layout("int_affine").dequantize({"qweight": qweight, "scale": scale, "zero": zero},
+                                                {"bits": bits, "group_size": group_size}, n_out, K)
 
 
 def affine_linear(x2, qweight, scale, zero, bits, group_size, bias=None):
@@ -46,7 +39,7 @@ def affine_linear(x2, qweight, scale, zero, bits, group_size, bias=None):
 
 
 def affine_decode(qweight, scale, zero, bits, group_size, weight_shape, dtype):
-    return _dense_layout(affine_matrix(qweight, scale, zero, bits, group_size).to(dtype), weight_shape)
+    return weight_from_matrix(affine_matrix(qweight, scale, zero, bits, group_size).to(dtype), weight_shape)
 
 
 def _epilogue(acc, scale, bias, dtype):
@@ -72,8 +65,11 @@ def vq_linear(x2, codes, codebooks, scales, bias=None):
 
 
 def vq_decode(codes, codebooks, scales, weight_shape, dtype):
-    w = vq_codeword_sums(codes, codebooks) * scales.float().reshape(-1, 1)
-    return _dense_layout(w.to(dtype), weight_shape)
+    """The vq layout's dequantize, in the logical weight shape."""
+    g = codebooks.shape[2]
+    w = get_layout("vq").dequantize({"codes": codes, "codebooks": codebooks, "scales": scales},
+                                    {"group_size": g}, codes.shape[0], codes.shape[1] * g)
+    return weight_from_matrix(w.to(dtype), weight_shape)
 
 
 # ---- activation quantization ----------------------------------------------------------------------------
@@ -108,18 +104,10 @@ def quantize_static(x2, scale, zero, bits, group_k=0, perm=None):
 
 
 def dynamic_row_params(x2, bits):
-    """Per-row min-max parameters: range widened to contain 0, scale = (hi − lo) / qmax (1 where the row is
-    all zero), zero = clamp(round(−lo / scale), 0, qmax). Returns (scale fp32 [M, 1], zero int32 [M, 1])."""
-    qmax = 2 ** bits - 1
+    """Per-row min-max parameters (affine_params of each row's range). Returns (scale fp32 [M, 1], zero int32
+    [M, 1])."""
     x = x2.float()
-    lo = torch.clamp(x.amin(dim=1, keepdim=True), max=0.0)
-    hi = torch.clamp(x.amax(dim=1, keepdim=True), min=0.0)
-    # a tensor divisor: PyTorch's CUDA division by a Python scalar multiplies by its reciprocal, which differs
-    # from the kernels' IEEE division in the last bit (seen on an H200: codes off by one)
-    scale = (hi - lo) / torch.full_like(hi, qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zero.to(torch.int32)
+    return affine_params(x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True), bits)
 
 
 def quantize_dynamic_rows(x2, bits, perm=None):

@@ -1,10 +1,11 @@
 """Second-moment statistics XᵀX of layer inputs, gathered with forward hooks while the model runs.
 
 For a Linear layer X is its input flattened to [N, in]. For a Conv2d X holds the unfolded input patches in the
-order of the weight's matrix view (lowbit.quant_core.qlayers.matrix_view): [N, kh·kw·in], tap-major and
+order of the weight's matrix view (lowbit.quant_core.layouts.matrix_view): [N, kh·kw·in], tap-major and
 channel-minor, so ‖X Wᵀ − X Ŵᵀ‖² = Σ_rows (w − ŵ)ᵀ (XᵀX) (w − ŵ) with w a row of the matrix view.
 """
-from typing import Callable
+import contextlib
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,28 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"XᵀX is defined for nn.Linear / nn.Conv2d, not {type(module).__name__}")
 
 
+@contextlib.contextmanager
+def observing(modules: Mapping[str, nn.Module], observe: Callable[[str, nn.Module, torch.Tensor], None],
+              outputs: bool = False):
+    """Call observe(name, module, tensor) with each module's input (or output) while the block runs: the one
+    forward-hook collector (XᵀX here, activation ranges in lowbit.quant_core.actquant.observers)."""
+    handles = []
+
+    def hook_for(name):
+        if outputs:
+            return lambda module, args, output: observe(name, module, output)
+        return lambda module, args: observe(name, module, args[0])
+
+    try:
+        for name, module in modules.items():
+            register = module.register_forward_hook if outputs else module.register_forward_pre_hook
+            handles.append(register(hook_for(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def collect_xtx(unet: nn.Module, layers: dict, run: Callable[[], None]) -> dict:
     """{name: mean XᵀX (float64 [K, K])} of the inputs `layers` (name -> module inside `unet`) receive while
     `run()` executes; the mean is over every input row of every call. Hooks are removed afterwards.
@@ -43,34 +66,26 @@ def collect_xtx(unet: nn.Module, layers: dict, run: Callable[[], None]) -> dict:
     strangers = [name for name, module in layers.items() if id(module) not in owned]
     if strangers:
         raise ValueError(f"layers {strangers[:3]} are not modules of the UNet that `run` drives")
-    sums, counts, handles = {}, {}, []
+    sums, counts = {}, {}
 
-    def hook_for(name):
-        def accumulate(module, args):
-            x = args[0].detach()
-            if isinstance(module, nn.Conv2d):
-                per_sample = x[0].numel() * module.kernel_size[0] * module.kernel_size[1]
-                step = max(1, CHUNK_ELEMENTS // per_sample)
-                chunks = (input_rows(module, x[i:i + step]) for i in range(0, x.shape[0], step))
+    def accumulate(name, module, x):
+        x = x.detach()
+        if isinstance(module, nn.Conv2d):
+            per_sample = x[0].numel() * module.kernel_size[0] * module.kernel_size[1]
+            step = max(1, CHUNK_ELEMENTS // per_sample)
+            chunks = (input_rows(module, x[i:i + step]) for i in range(0, x.shape[0], step))
+        else:
+            chunks = (input_rows(module, x),)
+        for rows in chunks:
+            product = (rows.T @ rows).double()
+            if name in sums:
+                sums[name] += product
             else:
-                chunks = (input_rows(module, x),)
-            for rows in chunks:
-                product = (rows.T @ rows).double()
-                if name in sums:
-                    sums[name] += product
-                else:
-                    sums[name] = product
-                counts[name] = counts.get(name, 0) + rows.shape[0]
-        return accumulate
+                sums[name] = product
+            counts[name] = counts.get(name, 0) + rows.shape[0]
 
-    try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_pre_hook(hook_for(name)))
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    with observing(layers, accumulate), torch.no_grad():
+        run()
     return {name: sums[name] / counts[name] for name in sums}
 
 

@@ -4,7 +4,7 @@ import json
 import sys
 import time
 
-from .errors import LowBitError
+from .quant_core.errors import LowBitError
 
 
 def _progress_bar(total_hint: str):
@@ -24,31 +24,32 @@ def _progress_bar(total_hint: str):
 
 
 def method_config(args):
-    from .methods import get_method
-    method = get_method(args.method)
-    if method.name == "rtn":
-        return method.config_type(bits=args.bits, group_size=args.group_size, range_search=args.range_search)
-    if method.name == "vq":
-        return method.config_type.parse(args.config, seed=args.seed)
-    raise LowBitError(f"method {method.name!r} is not available from this command yet")
+    """The config the method options (add_method_options) describe."""
+    from .quant_core.methods import config_from
+    if args.method == "rtn":
+        return config_from("rtn", bits=args.bits, group_size=args.group_size, range_search=args.range_search)
+    if args.method == "vq":
+        return config_from("vq", format=args.config, seed=args.seed)
+    raise LowBitError(f"method {args.method!r} is not available from this command: it runs the UNet "
+                      "(calibration), which a checkpoint file alone cannot; use the nodes or the library")
 
 
 def cmd_info(args):
-    from .fileformat import summarize
+    from .quant_core.fileformat import summarize
     print(json.dumps(summarize(args.file), indent=2))
 
 
 def cmd_quantize(args):
     import os
-    from .checkpoint import quantize_checkpoint
-    from .fileformat import save
+    from .quant_core.unet_file import quantize_checkpoint
+    from .quant_core.fileformat import save
     if os.path.exists(args.output) and not args.overwrite:
         raise LowBitError(f"{args.output} already exists; choose another name or pass --overwrite")
     config = method_config(args)
     t0 = time.perf_counter()
     tensors, header = quantize_checkpoint(args.input, config, progress=_progress_bar(f"{args.method} quantize"))
     save(args.output, tensors, header, overwrite=args.overwrite)
-    from .fileformat import summarize
+    from .quant_core.fileformat import summarize
     report = summarize(args.output)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["output"] = args.output
@@ -79,7 +80,7 @@ def build_parser():
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.set_defaults(func=cmd_quantize)
     try:
-        from ..bench.cli import add_bench_parser
+        from .bench.cli import add_bench_parser
     except ImportError:
         pass
     else:

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from .errors import FileFormatError, LowBitError
-from .fileformat import read_safetensors_header
+from ..errors import FileFormatError, LowBitError
+from ..fileformat import read_safetensors_header, save_safetensors
 
 FORMAT_VERSION = 1
 VERSION_KEY = "lowbit_calibration"
@@ -41,7 +41,7 @@ class CalibrationRecord:
     outputs: Optional[list] = None   # per call: the full-precision prediction, or None
     settings: dict = field(default_factory=dict)  # JSON-serialisable description of how it was made
     # per call: ComfyUI's cond_or_uncond chunk labels (0 cond, 1 uncond) when known, so a sampler re-running
-    # the record can apply CFG (lowbit.quant_core.trajectory)
+    # the record can apply CFG (lowbit.quant_core.calib.trajectory)
     cond_or_uncond: Optional[list] = None
 
     def __post_init__(self):
@@ -59,9 +59,6 @@ class CalibrationRecord:
 
     def save(self, path, overwrite: bool = False) -> str:
         """Write the record as one safetensors file (atomic); refuse to replace a file unless overwrite."""
-        path = os.fspath(path)
-        if os.path.exists(path) and not overwrite:
-            raise LowBitError(f"{path} already exists; choose another name or pass overwrite=True")
         tensors = {}
         for i, step in enumerate(self.inputs):
             for name, t in step.items():
@@ -74,16 +71,7 @@ class CalibrationRecord:
                                 sort_keys=True)
         except TypeError as e:
             raise LowBitError(f"calibration settings must be JSON-serialisable: {e}") from None
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, tmp, metadata={VERSION_KEY: str(FORMAT_VERSION), RECORD_KEY: record})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return save_safetensors(path, tensors, {VERSION_KEY: str(FORMAT_VERSION), RECORD_KEY: record}, overwrite)
 
     @classmethod
     def load(cls, path, device="cpu") -> "CalibrationRecord":

@@ -1,1 +1,0 @@
-"""Pure-torch parts of the testbed: procedural captioned data, text encoder, attribute classifier, metrics."""
