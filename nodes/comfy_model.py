@@ -21,11 +21,11 @@ from ..quant_core.actquant import prepare_unet
 from ..quant_core.qlayers import set_submodule
 from ..quant_core.arch import detect_unet_config
 from ..quant_core.errors import LowBitError, UnsupportedModelError
-from ..quant_core.fileformat import DENSE_DTYPE
+from ..quant_core.fileformat import DENSE_DTYPE, Header
 from ..quant_core.qlayers import QuantizedLayer
 from ..quant_core.selection import select_layers
 
-LOWBIT_ATTR = "lowbit_info"  # set on the BaseModel: method, method_config, arch, unet_config
+LOWBIT_ATTR = "lowbit_info"  # set on the BaseModel: its fileformat.Header
 
 
 def _meta_weight_ops(base):
@@ -51,13 +51,13 @@ def logical_state_dict(layers: dict, dense: dict) -> dict:
     return sd
 
 
-def build_model(layers: dict, dense: dict, lowbit_info: dict, model_config=None):
+def build_model(layers: dict, dense: dict, lowbit_info: Header, model_config=None):
     """ModelPatcher of an SDXL-family model made of LowBit `layers` and `dense` tensors."""
     logical = logical_state_dict(layers, dense)
     if model_config is None:
         # SDXL-architecture UNets of other widths (tests, the testbed) get ComfyUI's generic config
         model_config = comfy.model_detection.model_config_from_unet(logical, "", use_base_if_no_match=True)
-        if model_config is None or (lowbit_info.get("arch") == "sdxl"
+        if model_config is None or (lowbit_info.arch == "sdxl"
                                     and type(model_config).__name__ not in ("SDXL", "SSD1B", "Segmind_Vega")):
             raise UnsupportedModelError("ComfyUI does not recognise this UNet as SDXL; the file does not hold a "
                                         "supported SDXL model: re-create it from an SDXL checkpoint")
@@ -89,7 +89,7 @@ def build_model(layers: dict, dense: dict, lowbit_info: dict, model_config=None)
         raise LowBitError(f"the quantized UNet lacks {len(missing)} tensors (e.g. {missing[:3]}); the file is "
                           "incomplete: re-create it")
     prepare_unet(unet)  # activation-quantized layers (dgq, pcr) select their parameters by timestep
-    setattr(model, LOWBIT_ATTR, dict(lowbit_info))
+    setattr(model, LOWBIT_ATTR, lowbit_info)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.add_callback(CallbacksMP.ON_LOAD, attach_weight_patches)  # clones (e.g. LoraLoader's) keep it
     return patcher

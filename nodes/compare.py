@@ -49,9 +49,9 @@ class LowBitCompare(io.ComfyNode):
         latent_err = (fp_latent - q_latent).abs()
         fp_size = module_summary(fp_model.model.diffusion_model)
         q_size = module_summary(quantized_model.model.diffusion_model)
-        info = getattr(quantized_model.model, LOWBIT_ATTR, None) or {}
+        info = getattr(quantized_model.model, LOWBIT_ATTR, None)
         report = {
-            "method": info.get("method"), "method_config": info.get("method_config"),
+            "method": info and info.method, "method_config": info and info.method_config,
             "psnr_db": round(psnr(q_image, fp_image), 3),
             "latent_max_abs_error": round(latent_err.max().item(), 6),
             "latent_mean_abs_error": round(latent_err.mean().item(), 6),

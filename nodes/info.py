@@ -21,9 +21,9 @@ class LowBitModelInfo(io.ComfyNode):
 
     @classmethod
     def execute(cls, model) -> io.NodeOutput:
-        info = getattr(model.model, LOWBIT_ATTR, None) or {"method": None}
+        info = getattr(model.model, LOWBIT_ATTR, None)
         summary = module_summary(model.model.diffusion_model)
-        report = {"method": info.get("method"), "method_config": info.get("method_config"), **summary,
+        report = {"method": info and info.method, "method_config": info and info.method_config, **summary,
                   "size_vs_fp16": round(summary["total_bytes"] / summary["fp16_bytes"], 4)}
         text = json.dumps(report, indent=2)
         return io.NodeOutput(text, ui={"text": [text]})

@@ -23,5 +23,4 @@ class LowBitLoadQuantizedUNet(io.ComfyNode):
     def execute(cls, unet_name) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         f = fileformat.load(path)
-        info = {k: f.header.get(k) for k in ("method", "method_config", "arch", "unet_config")}
-        return io.NodeOutput(build_model(f.layers, f.dense, info))
+        return io.NodeOutput(build_model(f.layers, f.dense, f.info))

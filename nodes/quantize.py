@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..quant_core.api import quantize_layers_of
 from ..quant_core.errors import LowBitError
+from ..quant_core.fileformat import Header
 from ..quant_core.layouts.int_affine import SUPPORTED_BITS
 from ..quant_core.methods import config_from, get_method
 from ..quant_core.selection import choose_layers, select_layers
@@ -102,8 +103,7 @@ class LowBitQuantizeUNet(io.ComfyNode):
                                      resume=os.path.join(folder_paths.get_output_directory(), CHECKPOINT_FOLDER),
                                      calibration_id=calibration.path if record is not None else "")
         logging.info(f"LowBit: quantized in {time.perf_counter() - t0:.1f} s")
-        info = {"method": method, "method_config": described, "arch": unet_config.pop("arch"),
-                "unet_config": unet_config}
+        info = Header(method, described, unet_config.pop("arch"), unet_config)
         out = build_model(qlayers, dense_state(model, qlayers, with_patches=True), info,
                           model_config=model.model.model_config)
         out.model_options = model.clone().model_options  # keep the MODEL's sampler/attention patches

@@ -34,8 +34,7 @@ class LowBitSaveQuantizedUNet(io.ComfyNode):
         unet = model.model.diffusion_model
         layers = {name: m for name, m in unet.named_modules() if isinstance(m, fileformat.QuantizedLayer)}
         tensors, table = fileformat.file_tensors(layers, dense_state(model, layers, with_patches=False))
-        header = fileformat.make_header(info["arch"], info["method"], info["method_config"], info["unet_config"],
-                                        table)
+        header = info.to_json(table)
         root = os.path.join(folder_paths.get_output_directory(), "diffusion_models")
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
         os.makedirs(folder, exist_ok=True)

@@ -13,7 +13,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -116,6 +116,10 @@ class LowBitFile:
     layers: dict = field(default_factory=dict)   # name -> QuantizedLayer
     dense: dict = field(default_factory=dict)    # key -> tensor (16-bit rest of the UNet)
 
+    @property
+    def info(self) -> "Header":
+        return Header.of(self.header)
+
 
 def load(path, device="cpu") -> LowBitFile:
     """Read and validate a LowBit file; quantized layers come back as modules."""
@@ -160,11 +164,31 @@ def unet_tensors(unet: torch.nn.Module, dense_dtype=DENSE_DTYPE) -> tuple[dict, 
     return file_tensors(layers, dense, dense_dtype)
 
 
-def make_header(arch: str, method: str, method_config: dict, unet_config: dict, layer_table: dict,
-                **extra) -> dict:
-    from .version import __version__
-    return {"format_version": FORMAT_VERSION, "arch": arch, "method": method, "method_config": method_config,
-            "unet_config": unet_config, "layers": layer_table, "writer": f"lowbit {__version__}", **extra}
+@dataclass(frozen=True)
+class Header:
+    """What a LowBit file says about its UNet besides the layer table and tensors; a LowBit MODEL carries the
+    same (nodes), so loading, saving, comparing and `info` read one type."""
+    method: str
+    method_config: dict
+    arch: str = "sdxl"
+    unet_config: dict = field(default_factory=dict)
+    model_type: Optional[str] = None  # "eps" / "v_prediction" where the source says (checkpoint files)
+
+    def to_json(self, layer_table: dict) -> dict:
+        """The file's JSON header with this information and the layer table."""
+        from .version import __version__
+        header = {"format_version": FORMAT_VERSION, "arch": self.arch, "method": self.method,
+                  "method_config": self.method_config, "unet_config": self.unet_config, "layers": layer_table,
+                  "writer": f"lowbit {__version__}"}
+        if self.model_type is not None:
+            header["model_type"] = self.model_type
+        return header
+
+    @classmethod
+    def of(cls, header: dict) -> "Header":
+        """The Header of a file's validated JSON header (read_header)."""
+        return cls(header.get("method"), header.get("method_config") or {}, header["arch"],
+                   header.get("unet_config") or {}, header.get("model_type"))
 
 
 def atomic_write(path, write: Callable[[str], None], overwrite: bool = False) -> str:

@@ -8,7 +8,7 @@ from torch import nn
 from .api import quantize_layers_of
 from .arch import CHECKPOINT_PREFIX, conv_geometry, detect_unet_config, unet_state_dict
 from .errors import FileFormatError
-from .fileformat import file_tensors, make_header, read_safetensors_header
+from .fileformat import Header, file_tensors, read_safetensors_header
 from .methods import method_for_config
 from .selection import is_selected_name
 
@@ -61,6 +61,6 @@ def quantize_checkpoint(path, config, progress=None) -> tuple[dict, dict]:
     dense = {k: t for k, t in sd.items() if k.rsplit(".", 1)[0] not in qlayers}
     tensors, table = file_tensors(qlayers, dense)
     method = method_for_config(config)
-    header = make_header(unet_config.pop("arch"), method.name, method.describe(config), unet_config, table,
-                         model_type="v_prediction" if "v_pred" in sd else "eps")
+    header = Header(method.name, method.describe(config), unet_config.pop("arch"), unet_config,
+                    "v_prediction" if "v_pred" in sd else "eps").to_json(table)
     return tensors, header

@@ -198,9 +198,14 @@ def test_attention_override_composes_with_an_existing_one():
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_host_weight_and_bias_patches_apply_in_both_modes(kind):
+def test_host_weight_and_bias_patches_apply_in_both_modes(kind, monkeypatch):
     """ComfyUI's weight-patch protocol (LoRA, lowvram casts): `weight_function` / `bias_function` act on the
-    dequantized weight and bias, which then multiply the fake-quantized input, in either execution mode."""
+    dequantized weight and bias, which then multiply the fake-quantized input, in either execution mode.
+    The path taken is proven with spies on lowbit.quant_core.ops: in "real" mode the unpatched layer runs the
+    integer op (ops.int8_linear / ops.int8_conv2d -> ops._int8_matmul, which dispatches to the int8 kernel or
+    the torch reference) and the patched layer never reaches it (layers.py: a host-patched weight is simulated
+    in both modes), so the patched layer's output is bit-identical in the two modes."""
+    from lowbit.quant_core import ops
     module = nn.Linear(8, 6) if kind == "linear" else nn.Conv2d(8, 6, 3, padding=1)
     k = 8 if kind == "linear" else 72
     scale, zero = affine_params(torch.tensor([-1.0, -4.0]), torch.tensor([1.0, 4.0]), 8)
@@ -210,12 +215,40 @@ def test_host_weight_and_bias_patches_apply_in_both_modes(kind):
     layer = make_act_layer(module, 8, False, act)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, generator=g) * 2 if kind == "linear" else torch.randn(2, 8, 5, 5, generator=g) * 2
-    plain = layer(x)
+
+    calls = []
+    entry = "int8_linear" if kind == "linear" else "int8_conv2d"
+    for name in (entry, "_int8_matmul"):
+        original = getattr(ops, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
+
+    plain = layer(x)  # simulated (the default outside an execution block)
+    assert calls == []
+    with execution("real"):
+        plain_real = layer(x)
+    assert calls == [entry, "_int8_matmul"]  # the integer path ran, once, for the unpatched layer
+    # same quantized inputs and integer-exact weight codes; only the fp32 summation order differs
+    torch.testing.assert_close(plain_real, plain, rtol=0, atol=1e-5)
+
     delta = torch.randn(layer.dequantize_weight().shape, generator=g) * 0.1
     bits, s, z, _ = layer._input_quant(x, layer.tokens(x))
     lora_term = layer.quantized_dense_op(x, delta, torch.ones(6), bits, s, z)  # x̂·delta + 1 (the op is linear)
     layer.weight_function.append(lambda w: w + delta)
     layer.bias_function.append(lambda b: b + 1)
+    calls.clear()
+    outputs = {}
     for mode in ("simulated", "real"):
         with execution(mode):
-            torch.testing.assert_close(layer(x), plain + lora_term, rtol=0, atol=1e-5)
+            outputs[mode] = layer(x)
+        torch.testing.assert_close(outputs[mode], plain + lora_term, rtol=0, atol=1e-5)
+    assert calls == []  # patched: simulated in both modes, the integer op is never called
+    assert torch.equal(outputs["real"], outputs["simulated"])
+    layer.weight_function.clear()
+    layer.bias_function.clear()
+    with execution("real"):
+        assert torch.equal(layer(x), plain_real)  # patches removed: back on the integer path
+    assert calls == [entry, "_int8_matmul"]

@@ -102,7 +102,7 @@ def _saved(tmp_path, bits=4, group=128, name="m.safetensors"):
     m = Blocks()
     quantize(m, RTNConfig(bits=bits, group_size=group))
     tensors, table = fileformat.unet_tensors(m)
-    header = fileformat.make_header("sdxl-family", "rtn", {"bits": bits, "group_size": group}, {}, table)
+    header = fileformat.Header("rtn", {"bits": bits, "group_size": group}, "sdxl-family").to_json(table)
     path = tmp_path / name
     fileformat.save(path, tensors, header)
     return m, path
@@ -211,7 +211,7 @@ def test_nan_weights_are_not_saved(tmp_path):
     quantize(m, RTNConfig(bits=8, group_size=0))
     m.input_blocks[0][0].weight.data[0, 0, 0, 0] = float("nan")
     tensors, table = fileformat.unet_tensors(m)
-    header = fileformat.make_header("sdxl-family", "rtn", {}, {}, table)
+    header = fileformat.Header("rtn", {}, "sdxl-family").to_json(table)
     with pytest.raises(LowBitError, match="NaN"):
         fileformat.save(tmp_path / "nan.safetensors", tensors, header)
     assert not list(tmp_path.iterdir())

@@ -7,7 +7,7 @@ from lowbit.quant_core.actquant.grouping import AXIS_CHANNEL, AXIS_TOKEN
 from lowbit.quant_core.api import quantize
 from lowbit.quant_core.qlayers import set_submodule
 from lowbit.quant_core.calib.record import CalibrationRecord
-from lowbit.quant_core.fileformat import load, make_header, save, unet_tensors
+from lowbit.quant_core.fileformat import Header, load, save, unet_tensors
 from lowbit.quant_core.methods.dgq import DGQConfig
 from lowbit.quant_core.methods.minmax import MinMaxConfig
 
@@ -85,7 +85,7 @@ def test_simulated_and_real_integer_paths_agree(tiny_dgq, tiny_calibration, case
 
 def _saved(unet, path, method):
     tensors, table = unet_tensors(unet)
-    return save(path, tensors, make_header("sdxl", method, {}, {}, table))
+    return save(path, tensors, Header(method, {}).to_json(table))
 
 
 def test_save_load_rebuilds_bit_identical_layers(tiny_dgq, tiny_calibration, tmp_path):

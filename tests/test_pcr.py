@@ -7,7 +7,7 @@ import torch
 from lowbit.quant_core.api import quantize
 from lowbit.quant_core.calib.record import CalibrationRecord
 from lowbit.quant_core.errors import LowBitError
-from lowbit.quant_core.fileformat import make_header, save, unet_tensors
+from lowbit.quant_core.fileformat import Header, save, unet_tensors
 from lowbit.quant_core.methods.pcr import PCR, PCRConfig, step_bits
 
 
@@ -42,7 +42,7 @@ def _pcr_file(path, resume, progress=None, relax="none", weight_rounding="minmax
     unet = quantize(tiny_sdxl_unet(seed=0), config, record, progress=progress, sampler=_tiny_sampler,
                     resume=str(resume))
     tensors, table = unet_tensors(unet)
-    return save(path, tensors, make_header("sdxl", "pcr", PCR().describe(config), {}, table)), unet
+    return save(path, tensors, Header("pcr", PCR().describe(config)).to_json(table)), unet
 
 
 @pytest.mark.parametrize("weight_rounding", ["minmax", "gptq"])

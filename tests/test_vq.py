@@ -278,7 +278,7 @@ def test_vq_file_roundtrip_gives_bit_identical_outputs(tiny_vq, tmp_path):
     unet, _, held_out, _, layers, _ = tiny_vq
     quantized = with_layers(unet, layers)
     tensors, table = fileformat.unet_tensors(quantized, dense_dtype=torch.float32)
-    header = fileformat.make_header("sdxl", "vq", {"format": FAST_VQ.name}, {}, table)
+    header = fileformat.Header("vq", {"format": FAST_VQ.name}).to_json(table)
     path = fileformat.save(tmp_path / "tiny_vq.safetensors", tensors, header)
     loaded = fileformat.load(path)
     assert loaded.layers.keys() == layers.keys()

@@ -140,8 +140,7 @@ def load_lowbit_file(path: Path, model_config):
     from ...nodes.comfy_model import build_model
     from ...quant_core import fileformat
     f = fileformat.load(path)
-    info = {k: f.header.get(k) for k in ("method", "method_config", "arch", "unet_config")}
-    return build_model(f.layers, f.dense, info, model_config=model_config)
+    return build_model(f.layers, f.dense, f.info, model_config=model_config)
 
 
 def quantize_to_file(model, method: str, bits: int, calibration, options) -> Path:

@@ -63,7 +63,7 @@ class Checkpoint:
 
     def save_part(self, layers: dict) -> None:
         tensors, table = fileformat.file_tensors(layers, {})
-        header = fileformat.make_header("sdxl", self.method, self.method_config, {}, table)
+        header = fileformat.Header(self.method, self.method_config).to_json(table)
         index = len(self.parts())
         fileformat.save(os.path.join(self.folder, f"part_{index:05d}.safetensors"), tensors, header)
 

@@ -37,11 +37,20 @@ def comfy_available() -> bool:
     return (root / "main.py").is_file() and (root / "comfy").is_dir()
 
 
+def in_ci() -> bool:
+    """True when the environment variable CI is set to a truthy value (CI=true, CI=1 ...; not "", 0, false, no)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def require_comfy() -> None:
-    """Skip the calling test when the ComfyUI checkout is missing."""
+    """Skip the calling test when the ComfyUI checkout is missing; under CI (`in_ci()`) fail it instead, so a
+    CI job whose ComfyUI setup broke cannot pass by skipping every ComfyUI test."""
     import pytest
     if not comfy_available():
-        pytest.skip(f"ComfyUI not found at {comfy_root()} (set LOWBIT_COMFYUI)")
+        msg = f"ComfyUI not found at {comfy_root()} (set LOWBIT_COMFYUI, or run scripts/setup.sh)"
+        if in_ci():
+            pytest.fail(f"{msg}; CI is set, so the ComfyUI tests must run, not be skipped", pytrace=False)
+        pytest.skip(msg)
 
 
 def venv_python() -> str:
