@@ -1,4 +1,5 @@
-"""Drive a real ComfyUI server (``<repo>/.comfyui/main.py``) from tests.
+"""Drive a real, headless ComfyUI server (``<repo>/.comfyui/main.py``, or $LOWBIT_COMFYUI) from the bench
+(``bench demo --sdxl``) and the tests, and load the API-format workflows of ``<repo>/workflows/api`` to POST to it.
 
 Everything is loopback-only and uses the stdlib for HTTP; the optional
 websocket helper uses ``aiohttp`` (a ComfyUI dependency).
@@ -19,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,10 +31,48 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
-from .comfy_env import comfy_root, venv_python
-
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 HOST = "127.0.0.1"
 MODEL_DIRS = ("checkpoints", "diffusion_models", "loras", "controlnet")
+
+
+def comfy_root() -> Path:
+    """Path of the ComfyUI checkout to run: $LOWBIT_COMFYUI, else ``<repo>/.comfyui`` (not necessarily existing)."""
+    env = os.environ.get("LOWBIT_COMFYUI")
+    return Path(env).expanduser().resolve() if env else REPO_ROOT / ".comfyui"
+
+
+def venv_python() -> str:
+    """Interpreter for the server process (the repo venv if present, else the current one)."""
+    return str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+
+
+def load_api_workflow(name: str, **overrides) -> dict:
+    """Load ``<repo>/workflows/api/<name>.json`` (ComfyUI API format).
+
+    ``overrides`` set node inputs: ``node_id__input_name=value`` (e.g.
+    ``**{"3__steps": 2}``) or ``node_id={"input": value, ...}``.
+    """
+    path = REPO_ROOT / "workflows" / "api" / (name if name.endswith(".json") else f"{name}.json")
+    with open(path) as f:
+        prompt = json.load(f)
+    return apply_overrides(prompt, **overrides)
+
+
+def apply_overrides(prompt: dict, **overrides) -> dict:
+    for key, value in overrides.items():
+        if "__" in key:
+            node_id, inp = key.split("__", 1)
+            updates = {inp: value}
+        else:
+            node_id, updates = key, value
+            if not isinstance(updates, dict):
+                raise TypeError(f"override {key!r} must be a dict of inputs or use node__input")
+        if node_id not in prompt:
+            raise KeyError(f"node {node_id!r} not in workflow (nodes: {sorted(prompt)})")
+        prompt[node_id].setdefault("inputs", {}).update(updates)
+    return prompt
 
 
 class ComfyServerError(RuntimeError):

@@ -69,12 +69,11 @@ def testbed_demo(args) -> None:
 
 
 def sdxl_demo(args) -> None:
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers.comfy_server import ComfyServer
-    from helpers.fixtures import load_api_workflow, sdxl_random_checkpoint
+    from .comfy_server import ComfyServer, load_api_workflow
+    from .sdxl_random import sdxl_random_checkpoint_in_child
 
     t0 = time.perf_counter()
-    ckpt = sdxl_random_checkpoint()
+    ckpt = sdxl_random_checkpoint_in_child()  # built once (cached); the build's memory goes back before the server
     print(f"[demo] SDXL checkpoint: {ckpt} ({ckpt.stat().st_size / 2**30:.2f} GiB)", flush=True)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with ComfyServer(checkpoint=ckpt, base_dir=OUT_DIR / "comfy") as server:

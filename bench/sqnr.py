@@ -46,12 +46,12 @@ def sqnr_report(config, shape: tuple, seed: int) -> dict:
 
 
 def add_arguments(parser) -> None:
-    from ..cli import add_method_options
+    from ..cli_options import add_method_options
     add_method_options(parser)
     parser.add_argument("--shape", default="1280x1280", help="matrix shape OUTxIN (default 1280x1280)")
 
 
 def run(args) -> None:
-    from ..cli import method_config
+    from ..cli_options import method_config
     report = {"method": args.method, **sqnr_report(method_config(args), parse_shape(args.shape), args.seed)}
     print(json.dumps(report))

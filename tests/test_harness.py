@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import fixtures
-from helpers.comfy_server import ComfyExecutionError, ComfyPromptError
+from lowbit.bench.comfy_server import ComfyExecutionError, ComfyInterrupted, ComfyPromptError
 
 # ---------------------------------------------------------------- tiny UNet
 
@@ -214,8 +214,6 @@ def test_server_execution_error_is_raised(comfy_server):
 @pytest.mark.comfy_server
 @pytest.mark.slow
 def test_server_interrupt(comfy_server):
-    from helpers.comfy_server import ComfyInterrupted
-
     prompt = fixtures.sdxl_txt2img_prompt(steps=30, size=64, seed=2, filename_prefix="harness_int")
     with comfy_server.ws_connect() as ws:
         pid = comfy_server.queue(prompt, client_id=ws.client_id)

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.comfy_server import ComfyPromptError
-from helpers.fixtures import load_api_workflow
+from lowbit.bench.comfy_server import ComfyPromptError, load_api_workflow
 
 pytestmark = pytest.mark.comfy_server
 

@@ -15,8 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
+from lowbit.bench.comfy_server import comfy_root, venv_python  # noqa: F401  (shipped: the bench runs ComfyUI too)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 
 _lock = threading.Lock()
 _imported = False
@@ -24,12 +25,6 @@ _imported = False
 
 def repo_root() -> Path:
     return REPO_ROOT
-
-
-def comfy_root() -> Path:
-    """Path of the ComfyUI checkout used by the tests (not necessarily existing)."""
-    env = os.environ.get("LOWBIT_COMFYUI")
-    return Path(env).expanduser().resolve() if env else REPO_ROOT / ".comfyui"
 
 
 def comfy_available() -> bool:
@@ -51,11 +46,6 @@ def require_comfy() -> None:
         if in_ci():
             pytest.fail(f"{msg}; CI is set, so the ComfyUI tests must run, not be skipped", pytrace=False)
         pytest.skip(msg)
-
-
-def venv_python() -> str:
-    """Interpreter for subprocesses (the repo venv if present, else the current one)."""
-    return str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 
 
 def import_comfy():

@@ -16,17 +16,17 @@ time (fp32 init -> fp16 copy), so peak RAM stays ~ the fp16 file size.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from lowbit.bench.comfy_server import apply_overrides, load_api_workflow  # noqa: F401
 from lowbit.bench.sdxl_random import (COMMON_UNET_CONFIG, FIXTURE_VERSION, SDXL_UNET_CONFIG,  # noqa: F401
                                       SDXL_UNET_PARAMS, SDXL_VAE_DDCONFIG, build_times, cache_dir, cached,
                                       deterministic_init_, fixture_metadata, materialize_state_dict,
                                       sdxl_random_checkpoint, unet_state_dict)
 
-from .comfy_env import import_comfy, repo_root
+from .comfy_env import import_comfy
 
 # --------------------------------------------------------------------------
 # UNet configs (kwargs of comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel,
@@ -126,35 +126,8 @@ def sd15_random_unet_file(seed: int = 0) -> Path:
 
 
 # --------------------------------------------------------------------------
-# API workflows
+# API workflows (load_api_workflow / apply_overrides: bench/comfy_server.py)
 # --------------------------------------------------------------------------
-def load_api_workflow(name: str, **overrides) -> dict:
-    """Load ``<repo>/workflows/api/<name>.json`` (ComfyUI API format).
-
-    ``overrides`` set node inputs: ``node_id__input_name=value`` (e.g.
-    ``**{"3__steps": 2}``) or ``node_id={"input": value, ...}``.
-    """
-    path = repo_root() / "workflows" / "api" / (name if name.endswith(".json") else f"{name}.json")
-    with open(path) as f:
-        prompt = json.load(f)
-    return apply_overrides(prompt, **overrides)
-
-
-def apply_overrides(prompt: dict, **overrides) -> dict:
-    for key, value in overrides.items():
-        if "__" in key:
-            node_id, inp = key.split("__", 1)
-            updates = {inp: value}
-        else:
-            node_id, updates = key, value
-            if not isinstance(updates, dict):
-                raise TypeError(f"override {key!r} must be a dict of inputs or use node__input")
-        if node_id not in prompt:
-            raise KeyError(f"node {node_id!r} not in workflow (nodes: {sorted(prompt)})")
-        prompt[node_id].setdefault("inputs", {}).update(updates)
-    return prompt
-
-
 def sdxl_txt2img_prompt(ckpt_name: str = "sdxl_random.safetensors", steps: int = 2, size: int = 64,
                         seed: int = 0, sampler: str = "euler", scheduler: str = "normal", cfg: float = 7.0,
                         batch: int = 1, filename_prefix: str = "lowbit_test") -> dict:
