@@ -37,7 +37,8 @@ def cmd_quantize(args):
         raise LowBitError(f"{args.output} already exists; choose another name or pass --overwrite")
     config = method_config(args)
     t0 = time.perf_counter()
-    tensors, header = quantize_checkpoint(args.input, config, progress=_progress_bar(f"{args.method} quantize"))
+    tensors, header = quantize_checkpoint(args.input, config, progress=_progress_bar(f"{args.method} quantize"),
+                                         layers=args.layers)
     save(args.output, tensors, header, overwrite=args.overwrite)
     from .quant_core.fileformat import summarize
     report = summarize(args.output)
@@ -56,6 +57,8 @@ def build_parser():
     q.add_argument("input", help="SDXL checkpoint or bare UNet (.safetensors, LDM/ComfyUI keys)")
     q.add_argument("output", help="LowBit .safetensors to write")
     add_method_options(q)
+    q.add_argument("--layers", default="", help="quantize only the layers whose name matches this regular expression "
+                   "(e.g. 'output_blocks\\.[0-2]\\.'); default: all selectable layers")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.set_defaults(func=cmd_quantize)
     try:

@@ -31,16 +31,12 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
+from ..testbed.model import comfy_root  # noqa: F401  (re-exported: the tests' comfy_env uses it)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 HOST = "127.0.0.1"
 MODEL_DIRS = ("checkpoints", "diffusion_models", "loras", "controlnet")
-
-
-def comfy_root() -> Path:
-    """Path of the ComfyUI checkout to run: $LOWBIT_COMFYUI, else ``<repo>/.comfyui`` (not necessarily existing)."""
-    env = os.environ.get("LOWBIT_COMFYUI")
-    return Path(env).expanduser().resolve() if env else REPO_ROOT / ".comfyui"
 
 
 def venv_python() -> str:

@@ -104,10 +104,11 @@ class Run:
     def save(self, section: str, data) -> None:
         self.result["sections"][section] = data
         self.result["elapsed_s"] = round(time.monotonic() - self.start, 1)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.result, indent=1))
-        os.replace(tmp, self.path)
-        self.path.with_suffix(".md").write_text(summary_markdown(self.result))
+        from ..quant_core.fileformat import atomic_write
+        text = json.dumps(self.result, indent=1)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
+        markdown = summary_markdown(self.result)
+        atomic_write(self.path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown), overwrite=True)
 
 
 def versions(dry_run: bool) -> dict:

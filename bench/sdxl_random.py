@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from ..quant_core.fileformat import atomic_write
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Bump when the recipe changes: cached files with another version are rebuilt.
@@ -233,16 +235,12 @@ def cached(name: str, kind: str, build: Callable[[Path], None]) -> Path:
     with _file_lock(path.with_name(path.name + ".lock")):
         if _is_current(path, kind):  # built by another process while we waited
             return path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            t0 = time.perf_counter()
-            build(tmp)
+        def write(tmp):
+            build(Path(tmp))
             os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-            build_times[name] = time.perf_counter() - t0
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        t0 = time.perf_counter()
+        atomic_write(path, write, overwrite=True)
+        build_times[name] = time.perf_counter() - t0
     return path
 
 

@@ -6,6 +6,7 @@ so it is exactly the model ComfyUI would build for the fp16 UNet; the Linear/Con
 on the meta device and never allocated in full precision.
 """
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -18,11 +19,10 @@ from comfy.model_patcher import LowVramPatch
 from comfy.patcher_extension import CallbacksMP
 
 from ..quant_core.actquant import prepare_unet
-from ..quant_core.qlayers import set_submodule
 from ..quant_core.arch import detect_unet_config
 from ..quant_core.errors import LowBitError, UnsupportedModelError
 from ..quant_core.fileformat import DENSE_DTYPE, Header
-from ..quant_core.qlayers import QuantizedLayer
+from ..quant_core.qlayers import QuantizedLayer, set_submodule
 from ..quant_core.selection import select_layers
 
 LOWBIT_ATTR = "lowbit_info"  # set on the BaseModel: its fileformat.Header
@@ -106,12 +106,36 @@ def attach_weight_patches(patcher, *load_args):
             module.weight_function = [LowVramPatch(key, patcher.patches)] if key in patcher.patches else []
 
 
-def check_sdxl_model(model_patcher) -> dict:
-    """unet_config facts of an SDXL-family MODEL; rejects other families and already-quantized MODELs."""
-    unet = model_patcher.model.diffusion_model
-    if any(isinstance(m, QuantizedLayer) for m in unet.modules()):
-        raise LowBitError("this MODEL is already LowBit-quantized; connect the original (fp16) MODEL instead")
-    return detect_unet_config(unet.state_dict())
+@dataclass
+class UNetSource:
+    """What quantizing reads from an SDXL MODEL, read once: its architecture facts, the layers that may be
+    quantized and every UNet tensor as the MODEL computes with it (weight patches such as LoRA applied to
+    copies, so the quantized model matches what the MODEL computed)."""
+    unet_config: dict
+    layers: dict    # name -> Linear/Conv2d holding the (patched) weight to quantize
+    tensors: dict   # every UNet tensor, patched
+
+    @classmethod
+    def read(cls, model_patcher) -> "UNetSource":
+        """Rejects other families and already-quantized MODELs."""
+        unet = model_patcher.model.diffusion_model
+        if any(isinstance(m, QuantizedLayer) for m in unet.modules()):
+            raise LowBitError("this MODEL is already LowBit-quantized; connect the original (fp16) MODEL instead")
+        state = unet.state_dict()
+        unet_config = detect_unet_config(state)
+        tensors = {k: unet_tensor(model_patcher, k, v, with_patches=True) for k, v in state.items()}
+        layers = {}
+        for name, module in select_layers(unet).items():
+            weight = tensors[f"{name}.weight"]
+            if weight is not state[f"{name}.weight"]:
+                module = copy.deepcopy(module)
+                module.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+            layers[name] = module
+        return cls(unet_config, layers, tensors)
+
+    def dense(self, quantized: dict) -> dict:
+        """The tensors outside the `quantized` layers (those stay 16-bit in the LowBit MODEL)."""
+        return {k: v for k, v in self.tensors.items() if k.rsplit(".", 1)[0] not in quantized}
 
 
 def unet_tensor(model_patcher, key: str, tensor: torch.Tensor, with_patches: bool) -> torch.Tensor:
@@ -126,21 +150,9 @@ def unet_tensor(model_patcher, key: str, tensor: torch.Tensor, with_patches: boo
     return tensor
 
 
-def source_layers(model_patcher) -> dict:
-    """name -> Linear/Conv2d of the MODEL's selected layers holding the weights to quantize (patches such as
-    LoRA baked in, so the quantized model matches what the MODEL computed)."""
-    layers = {}
-    for name, module in select_layers(model_patcher.model.diffusion_model).items():
-        weight = unet_tensor(model_patcher, f"{name}.weight", module.weight, with_patches=True)
-        if weight is not module.weight:
-            module = copy.deepcopy(module)
-            module.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
-        layers[name] = module
-    return layers
-
-
-def dense_state(model_patcher, skip: dict, with_patches: bool) -> dict:
-    """The MODEL's UNet tensors outside the layers in `skip` (those stay 16-bit)."""
+def stored_state(model_patcher, skip: dict) -> dict:
+    """A LowBit MODEL's UNet tensors outside the layers in `skip`, as stored (no weight patches): what its
+    file holds besides the quantized layers."""
     unet = model_patcher.model.diffusion_model
-    return {k: unet_tensor(model_patcher, k, v, with_patches) for k, v in unet.state_dict().items()
+    return {k: unet_tensor(model_patcher, k, v, with_patches=False) for k, v in unet.state_dict().items()
             if k.rsplit(".", 1)[0] not in skip}

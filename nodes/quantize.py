@@ -12,7 +12,7 @@ from ..quant_core.fileformat import Header
 from ..quant_core.layouts.int_affine import SUPPORTED_BITS
 from ..quant_core.methods import config_from, get_method
 from ..quant_core.selection import choose_layers, select_layers
-from .comfy_model import build_model, check_sdxl_model, dense_state, source_layers
+from .comfy_model import UNetSource, build_model
 from .options import QuantOptions
 from .progress import comfy_progress
 from .types import Calibration, Options
@@ -76,7 +76,7 @@ class LowBitQuantizeUNet(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, method, bits, group_size, calibration=None, options=None) -> io.NodeOutput:
-        unet_config = check_sdxl_model(model)
+        source = UNetSource.read(model)
         quant_method = get_method(method)
         options = options or QuantOptions(method)
         config = method_config(method, bits, group_size, options)
@@ -92,7 +92,7 @@ class LowBitQuantizeUNet(io.ComfyNode):
             unet = model.model.diffusion_model
             layers = choose_layers(select_layers(unet), options.layers)
         else:
-            unet, layers = None, choose_layers(source_layers(model), options.layers)
+            unet, layers = None, choose_layers(source.layers, options.layers)
         described = quant_method.describe(config)
         logging.info(f"LowBit: quantizing {len(layers)} layers with {method} {described}"
                      + (f" on {len(record)} calibration calls" if record is not None else " (data-free)"))
@@ -103,8 +103,9 @@ class LowBitQuantizeUNet(io.ComfyNode):
                                      resume=os.path.join(folder_paths.get_output_directory(), CHECKPOINT_FOLDER),
                                      calibration_id=calibration.path if record is not None else "")
         logging.info(f"LowBit: quantized in {time.perf_counter() - t0:.1f} s")
+        unet_config = dict(source.unet_config)
         info = Header(method, described, unet_config.pop("arch"), unet_config)
-        out = build_model(qlayers, dense_state(model, qlayers, with_patches=True), info,
+        out = build_model(qlayers, source.dense(qlayers), info,
                           model_config=model.model.model_config)
         out.model_options = model.clone().model_options  # keep the MODEL's sampler/attention patches
         return io.NodeOutput(out)

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..quant_core import fileformat
 from ..quant_core.errors import LowBitError
-from .comfy_model import LOWBIT_ATTR, dense_state
+from .comfy_model import LOWBIT_ATTR, stored_state
 
 
 class LowBitSaveQuantizedUNet(io.ComfyNode):
@@ -33,7 +33,7 @@ class LowBitSaveQuantizedUNet(io.ComfyNode):
             raise LowBitError("this MODEL is not LowBit-quantized; pass it through LowBitQuantizeUNet first")
         unet = model.model.diffusion_model
         layers = {name: m for name, m in unet.named_modules() if isinstance(m, fileformat.QuantizedLayer)}
-        tensors, table = fileformat.file_tensors(layers, dense_state(model, layers, with_patches=False))
+        tensors, table = fileformat.file_tensors(layers, stored_state(model, layers))
         header = info.to_json(table)
         root = os.path.join(folder_paths.get_output_directory(), "diffusion_models")
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)

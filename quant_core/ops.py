@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .layouts import conv_output_size, im2col_rows
 
 OPS = ("decode", "linear", "int8_linear")
 
@@ -237,10 +238,9 @@ def int8_linear(x, layer, act: ActivationQuant):
 def int8_conv2d(x, layer, act: ActivationQuant):
     """Conv2d with quantized activations through an explicit im2col in matrix-view order (tap-major, input
     channel fastest) and the integer GEMM; an implicit-GEMM int8 conv is pending GPU measurement."""
-    n_out, cin, kh, kw = layer.weight_shape
-    cols = F.unfold(x, (kh, kw), dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
-    batch, _, positions = cols.shape
-    rows = cols.reshape(batch, cin, kh * kw, positions).permute(0, 3, 2, 1).reshape(batch * positions, -1)
+    n_out, _, kh, kw = layer.weight_shape
+    rows = im2col_rows(x, (kh, kw), layer.stride, layer.padding, layer.dilation)
     y = _int8_matmul(rows, layer, act, _bias(layer, x), x.dtype)
-    h_out = (x.shape[2] + 2 * layer.padding[0] - layer.dilation[0] * (kh - 1) - 1) // layer.stride[0] + 1
-    return y.reshape(batch, h_out, positions // h_out, n_out).permute(0, 3, 1, 2).contiguous()
+    h_out, w_out = (conv_output_size(x.shape[2 + i], (kh, kw)[i], layer.stride[i], layer.padding[i],
+                                     layer.dilation[i]) for i in range(2))
+    return y.reshape(x.shape[0], h_out, w_out, n_out).permute(0, 3, 1, 2).contiguous()

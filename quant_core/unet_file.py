@@ -10,7 +10,7 @@ from .arch import CHECKPOINT_PREFIX, conv_geometry, detect_unet_config, unet_sta
 from .errors import FileFormatError
 from .fileformat import Header, file_tensors, read_safetensors_header
 from .methods import method_for_config
-from .selection import is_selected_name
+from .selection import choose_layers, is_selected_name
 
 
 def read_unet_state_dict(path) -> tuple[dict, dict]:
@@ -50,14 +50,14 @@ def layer_modules(sd: dict) -> dict:
     return layers
 
 
-def quantize_checkpoint(path, config, progress=None) -> tuple[dict, dict]:
-    """(tensors, header) of the LowBit file for the UNet in `path` (data-free methods)."""
+def quantize_checkpoint(path, config, progress=None, layers=None) -> tuple[dict, dict]:
+    """(tensors, header) of the LowBit file for the UNet in `path` (data-free methods); `layers` chooses among
+    the selectable layers as in lowbit.quant_core.api.quantize (None = all, a regular expression, a callable)."""
     unet_config, sd = read_unet_state_dict(path)
     for key, t in sd.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FileFormatError(f"{os.fspath(path)}: UNet tensor '{key}' holds NaN/inf; the checkpoint is broken")
-    layers = layer_modules(sd)
-    qlayers = quantize_layers_of(None, layers, config, progress=progress)
+    qlayers = quantize_layers_of(None, choose_layers(layer_modules(sd), layers), config, progress=progress)
     dense = {k: t for k, t in sd.items() if k.rsplit(".", 1)[0] not in qlayers}
     tensors, table = file_tensors(qlayers, dense)
     method = method_for_config(config)

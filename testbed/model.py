@@ -44,6 +44,13 @@ UNET_FOLD = 4           # pixels folded per UNet position
 LATENT_FOLD = 8         # pixels folded per ComfyUI latent position, like SDXL's VAE downscale
 
 
+def comfy_root() -> Path:
+    """The ComfyUI checkout used outside a running ComfyUI: $LOWBIT_COMFYUI, else ``<repo>/.comfyui`` (not
+    necessarily existing)."""
+    env = os.environ.get("LOWBIT_COMFYUI")
+    return Path(env).expanduser().resolve() if env else REPO_ROOT / ".comfyui"
+
+
 def import_comfy(cpu: Optional[bool] = None):
     """Make ComfyUI importable (appended to sys.path so it shadows nothing) and return `comfy`.
 
@@ -51,7 +58,7 @@ def import_comfy(cpu: Optional[bool] = None):
     (`cpu`; default: when there is no CUDA) before `comfy.model_management` picks its device.
     """
     if "comfy.model_management" not in sys.modules:
-        root = os.environ.get("LOWBIT_COMFYUI") or str(REPO_ROOT / ".comfyui")
+        root = str(comfy_root())
         if root not in sys.path:
             sys.path.append(root)
         import comfy.cli_args

@@ -35,6 +35,17 @@ def test_quantize_then_info(tiny_unet_file, tmp_path):
     assert out.read_bytes() == again.read_bytes()  # deterministic
 
 
+def test_layers_pattern_chooses_the_layers(tiny_unet_file, tmp_path):
+    out = tmp_path / "attn.safetensors"
+    r = lowbit("quantize", "--bits", 8, "--group-size", 0, "--layers", r"attn1\.to_q$", tiny_unet_file, out)
+    assert r.returncode == 0, r.stderr
+    from lowbit.quant_core.fileformat import read_header
+    names = sorted(read_header(out)["layers"])
+    assert names and all(n.endswith("attn1.to_q") for n in names)
+    bad = lowbit("quantize", "--layers", "no_such_layer", tiny_unet_file, tmp_path / "none.safetensors")
+    assert bad.returncode == 2 and "matches none" in bad.stderr and not (tmp_path / "none.safetensors").exists()
+
+
 def test_existing_output_is_not_overwritten(tiny_unet_file, tmp_path):
     out = tmp_path / "exists.safetensors"
     out.write_bytes(b"keep me")

@@ -142,7 +142,7 @@ def test_load_sample_unload_50_cycles_leaks_nothing(tmp_path):
 
     def cycle(i):
         f = fileformat.load(path)
-            model = build_model(f.layers, f.dense, f.info, model_config=model_config)
+        model = build_model(f.layers, f.dense, f.info, model_config=model_config)
         lora = kohya_lora(model.model.diffusion_model, i % 3, CYCLE_LORA_LAYERS)
         with_lora = comfy.sd.load_lora_for_models(model, None, lora, 0.5, 0)[0]
         samples = nodes.common_ksampler(with_lora, i, 2, 4.0, "euler", "normal", positive, negative, latent)[0]

@@ -122,10 +122,17 @@ def test_testbed_compare_reports_rtn_and_shows_fp_quantized_diff(comfy_server, t
     timings["testbed compare workflow (server)"] = time.perf_counter() - t0
     report = json.loads(history["outputs"]["5"]["text"][0])
     assert report["method"] == "rtn" and report["method_config"]["bits"] == 4
-    assert 4.1 < report["bits_per_weight"] < 4.3
-    assert report["quantized_bytes"] < 0.5 * report["fp_bytes"]
-    # trained weights: 4-bit RTN stays close to fp (bench quality measures ~30 dB over 32 prompts)
-    assert 20 < report["psnr_db"] < 80 and 0 < report["latent_relative_error"] < 0.2
+    # sizes of the testbed's fixed architecture, exact: W4 g128 codes + fp16 scale + uint8 zero per 128 weights
+    # (4.1875 bits) on the quantized layers, a little more where K is not a multiple of 128; the unquantized rest
+    # (embeddings, conv_in/out, norms, biases) stays 16-bit, hence 39% of the fp16 bytes rather than 26%
+    assert report["bits_per_weight"] == pytest.approx(4.1904, abs=1e-4)  # the report rounds to 4 decimals
+    assert (report["fp_bytes"], report["quantized_bytes"]) == (17_721_696, 6_910_560)
+    # trained weights: 4-bit RTN stays close to fp (bench quality measures ~30 dB over 32 prompts). The workflow is
+    # seeded, so these are deterministic: measured 33.14 dB and 0.0688 latent relative error. They are set by the
+    # 4-bit rounding; fp32 summation order barely moves them (the server and the bench sampler, which differ by it,
+    # give images within 1/255 after 20 steps, see above): +-1 dB (+-12% in RMS error) and +-10% of the error.
+    assert 32.1 < report["psnr_db"] < 34.2, report["psnr_db"]
+    assert 0.062 < report["latent_relative_error"] < 0.076, report["latent_relative_error"]
 
     (preview,) = _files_of(comfy_server, history, "7")
     grid = _read_png(preview)[::ENLARGE, ::ENLARGE]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LowBitError
+from ..layouts import conv_output_size
 
 
 def slice_extrema(module: nn.Module, x: torch.Tensor):
@@ -23,8 +24,7 @@ def slice_extrema(module: nn.Module, x: torch.Tensor):
                 rows.amax(dim=(0, 2)).cpu())
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     padded = F.pad(x, (module.padding[1], module.padding[1], module.padding[0], module.padding[0]))
-    h_out = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    w_out = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    h_out, w_out = conv_output_size(padded.shape[2], kh, sh, 0, dh), conv_output_size(padded.shape[3], kw, sw, 0, dw)
     taps = [padded[:, :, i * dh:i * dh + (h_out - 1) * sh + 1:sh, j * dw:j * dw + (w_out - 1) * sw + 1:sw]
             for i in range(kh) for j in range(kw)]
     channel_lo = torch.cat([t.amin(dim=(0, 2, 3)) for t in taps])

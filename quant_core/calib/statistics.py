@@ -8,8 +8,9 @@ import contextlib
 from typing import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..layouts import im2col_rows
 
 CHUNK_ELEMENTS = 2 ** 24  # unfolded conv values per chunk (64 MiB in fp32)
 
@@ -19,14 +20,9 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise TypeError("grouped convolutions have no single [out, K] matrix view")
-        kh, kw = module.kernel_size
         if isinstance(module.padding, str):
             raise TypeError(f"Conv2d padding={module.padding!r} is not supported; give explicit padding")
-        patches = F.unfold(x.float(), (kh, kw), dilation=module.dilation, padding=module.padding,
-                           stride=module.stride)  # [B, in·kh·kw, L], channel-major
-        b, _, length = patches.shape
-        patches = patches.reshape(b, -1, kh * kw, length).permute(0, 3, 2, 1)  # [B, L, taps, in]
-        return patches.reshape(b * length, -1)
+        return im2col_rows(x.float(), module.kernel_size, module.stride, module.padding, module.dilation)
     if isinstance(module, nn.Linear):
         return x.float().reshape(-1, x.shape[-1])
     raise TypeError(f"XᵀX is defined for nn.Linear / nn.Conv2d, not {type(module).__name__}")

@@ -8,6 +8,7 @@ of consecutive K entries is consecutive input channels at one kernel tap). Every
 from typing import ClassVar, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import FileFormatError
 
@@ -71,6 +72,20 @@ def matrix_view(weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() == 4:
         return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
     return weight
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one axis (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def im2col_rows(x: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """The rows [B·L, kh·kw·in] a Conv2d multiplies by its matrix view (tap-major, input channel fastest; one row
+    per output position, batch-major), in x's dtype."""
+    kh, kw = kernel_size
+    patches = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, in·kh·kw, L]
+    b, _, length = patches.shape
+    return patches.reshape(b, -1, kh * kw, length).permute(0, 3, 2, 1).reshape(b * length, -1)
 
 
 def weight_from_matrix(matrix: torch.Tensor, weight_shape) -> torch.Tensor:
