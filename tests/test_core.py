@@ -222,3 +222,28 @@ def test_bad_configs_are_rejected():
         RTNConfig(bits=7)
     with pytest.raises(LowBitError, match="multiple of 8"):
         RTNConfig(bits=4, group_size=100)
+
+
+def test_config_from_builds_every_config_and_names_bad_settings():
+    from lowbit.quant_core.methods import METHODS, config_from
+    from lowbit.quant_core.methods.vq import VQConfig
+    for name, method in METHODS.items():
+        assert config_from(name) == method.config_type()  # defaults
+    assert config_from("vq", format="2x8g8", seed=3) == VQConfig(num_codebooks=2, seed=3)
+    assert config_from("rtn", bits=3, group_size=64).bits == 3
+    with pytest.raises(LowBitError, match=r"unknown settings \['bitz'\].*'bits'"):
+        config_from("rtn", bitz=4)
+    with pytest.raises(LowBitError, match="unknown method"):
+        config_from("gguf")
+
+
+def test_layers_choice_regex_callable_and_errors():
+    from lowbit.quant_core.selection import choose_layers
+    layers = {"input_blocks.1.0.in_layers.2": 1, "output_blocks.2.1.proj_in": 2, "middle_block.1.proj_out": 3}
+    assert choose_layers(layers) is layers and choose_layers(layers, "") is layers
+    assert list(choose_layers(layers, r"proj_(in|out)$")) == ["output_blocks.2.1.proj_in", "middle_block.1.proj_out"]
+    assert list(choose_layers(layers, lambda name, m: m == 1)) == ["input_blocks.1.0.in_layers.2"]
+    with pytest.raises(LowBitError, match="not a valid regular expression"):
+        choose_layers(layers, "(")
+    with pytest.raises(LowBitError, match="matches none of the 3"):
+        choose_layers(layers, "attn9")
