@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 
 BENCHMARKS = {
-    "kernels": "Triton kernels vs their torch twins (--check; timings: bench gpu)",
+    "kernels": "Triton kernels vs their torch references (--check; timings: bench gpu)",
     "sqnr": "codec SQNR on an iid Gaussian matrix (VQ, RTN)",
     "quality": "methods on the trained testbed: PSNR, Frechet, alignment vs fp",
     "qdiff": "QDiffBench-style fidelity of PCR calibration variants on the testbed",

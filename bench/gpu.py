@@ -9,7 +9,7 @@ Sections, run in this order (the JSON is rewritten after each, so a time-out sti
   lora         the same steps with one stock-format (kohya) LoRA on every transformer-block Linear, applied
                the way a LowBit MODEL applies it (ComfyUI's weight-patch arithmetic on the dequantized
                weight at every forward);
-  correctness  every Triton kernel against its torch twin on CUDA, fp16 and bf16, at SDXL's real shapes
+  correctness  every Triton kernel against its torch reference on CUDA, fp16 and bf16, at SDXL's real shapes
                (weight-only GEMMs and decodes of every layout, the int8 GEMM with the act-quant kernels);
   targets      the shared-memory limit the autotune pruning assumes against the one Triton reports, the
                pruning inside real autotuning, and a forced kernel failure falling back to the torch

@@ -8,8 +8,8 @@
 Kernel timings are part of `python -m lowbit bench gpu` (its `kernels` section, at the UNet's own shapes).
 
 Tolerances: integer outputs (activation codes, code sums, int32 GEMM accumulators) and decoded weights must
-match exactly; GEMMs with fp16 weight tiles must satisfy ‖y − twin‖ ≤ 1e-2 ‖twin‖ (they differ only in fp32
-summation order); integer-GEMM fp outputs must match within fp32 rounding (1e-5 of max |twin|).
+match exactly; GEMMs with fp16 weight tiles must satisfy ‖y − ref‖ ≤ 1e-2 ‖ref‖ (they differ only in fp32
+summation order); integer-GEMM fp outputs must match within fp32 rounding (1e-5 of max |ref|).
 """
 import argparse
 import json
@@ -235,7 +235,7 @@ def check_main(device):
 
 def add_arguments(parser):
     parser.add_argument("--check", action="store_true",
-                        help="compare every kernel with its torch twin at small shapes (no GPU needed)")
+                        help="compare every kernel with its torch reference at small shapes (no GPU needed)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="--check: cpu runs the kernels under the Triton interpreter")
 

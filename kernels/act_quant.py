@@ -2,9 +2,9 @@
 
 `quantize_static`: given scale/zero per tensor, per row (pixel/token groups) or per K-group (channel groups
 after the layer's channel permutation). `quantize_dynamic_rows`: per-row min-max computed on the fly.
-Both write the stored int8 codes (unsigned code − 128, see twins) and the per-row, per-group sums of those
+Both write the stored int8 codes (unsigned code − 128, see lowbit.quant_core.reference) and the per-row, per-group sums of those
 codes, which the GEMM epilogue needs for the weight zero-point term. Optional `perm` gathers the input
-channels in the order the weight's K was permuted to. Twins: lowbit.quant_core.reference.quantize_static /
+channels in the order the weight's K was permuted to. References: lowbit.quant_core.reference.quantize_static /
 quantize_dynamic_rows; outputs are bit-identical (IEEE division via tl.div_rn, round half to even).
 """
 import torch
@@ -94,7 +94,7 @@ def _perm_arg(perm, x2):
 
 def quantize_static(x2, scale, zero, bits, group_k=0, perm=None, block_m=32, block_k=128):
     """x2 [M, K] (unit stride along K) -> (xq int8 [M, K], xsum int32 [M, G]); scale/zero broadcastable to
-    [M, G] as in twins.quantize_static."""
+    [M, G] as in reference.quantize_static."""
     M, K = x2.shape
     group_k = group_k or K
     n_groups = triton.cdiv(K, group_k)

@@ -3,7 +3,7 @@
 `affine_linear`: y = x @ Ŵᵀ + bias with Ŵ = (q − zero)·scale rebuilt tile by tile in registers (fp32, then
 the activation dtype) and fed to tl.dot with fp32 accumulation. Any bit width 1..8 and group size.
 `affine_decode`: writes the dense weight (Linear [N, K] or Conv2d [N, in, kh, kw]) for the cuDNN path.
-Twins: lowbit.quant_core.reference.affine_linear / affine_decode.
+References: lowbit.quant_core.reference.affine_linear / affine_decode.
 """
 import torch
 import triton

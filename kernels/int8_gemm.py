@@ -3,12 +3,12 @@
 Inputs: stored int8 activation codes (act_quant) with their per-row, per-K-group sums; activation scale and
 unsigned zero per [row, K-group] (any broadcast: per tensor, per row, per K-group); `int_affine` weights with
 one group per output channel (group_size 0), their zero points and the cached per-K-group sums of the
-signed weight codes (twins.weight_sums). Per K-group the kernel accumulates Σ xq·wq with int8 tl.dot into
+signed weight codes (lowbit.quant_core.reference.weight_sums). Per K-group the kernel accumulates Σ xq·wq with int8 tl.dot into
 int32, then applies the zero-point terms exactly in int32,
     acc_g = Σ xq·wq − zw·Σ xq − zx·Σ wq + K_g·zx·zw   (codes as fed to the dot: x − 128, w − weight_offset),
 and adds sx[m, g]·acc_g into an fp32 tile; the epilogue multiplies by the weight scale and adds the bias.
 Every partial result stays within 255² · K_g, which must fit int32: K_g <= 33025 (SDXL's largest K is 23040).
-Twin: lowbit.quant_core.reference.int8_linear (exact int64 accumulators).
+Reference: lowbit.quant_core.reference.int8_linear (exact int64 accumulators).
 """
 import torch
 import triton
@@ -79,7 +79,7 @@ def int8_linear(xq, xsum, x_scale, x_zero, qweight, w_scale, w_zero, wsum, bits,
                 out_dtype=torch.float16, config=None):
     """y [M, N] (out_dtype) from stored int8 codes xq [M, K] and their sums xsum [M, G]; x_scale (fp32) and
     x_zero (unsigned) broadcastable to [M, G]; qweight uint8 [N, K*bits/8], w_scale / w_zero [N, 1] (int_affine,
-    group_size 0); wsum int32 [N, G] = twins.weight_sums(qweight, bits, group_k). `config` (block
+    group_size 0); wsum int32 [N, G] = reference.weight_sums(qweight, bits, group_k). `config` (block
     meta-parameters) bypasses autotuning: the interpreter checks use it."""
     M, K = xq.shape
     n_out = qweight.shape[0]

@@ -7,7 +7,7 @@ dtype and feeds tl.dot (fp32 accumulation); the per-row scale is applied in the 
 (<= tiles.SMALL_M) uses thin tiles and split-K; both families are autotuned for the SDXL shapes.
 `vq_decode`: writes the dense scaled weight ([N, K] or Conv2d [N, in, kh, kw]); Conv2d runs it followed by
 cuDNN (dequant-to-scratch). Whether an implicit-GEMM VQ conv beats that is pending GPU measurement.
-Twins: lowbit.quant_core.reference.vq_linear / vq_decode.
+References: lowbit.quant_core.reference.vq_linear / vq_decode.
 """
 import torch
 import triton

@@ -1,9 +1,11 @@
-"""Plain-torch twins of the Triton kernels: the executable specification of what each kernel computes.
+"""The torch reference of every op a kernel implements: the executable specification of what it computes.
 
-Each twin performs the same arithmetic in the same order and precision as its kernel (fp32 weight
-reconstruction, rounding to the activation dtype, fp32 accumulation, fp32 epilogue; exact integer
-accumulators for the int8 GEMM), so a kernel may differ from its twin only by the summation order of
-the fp32 accumulation. They run on any device and are the reference path of lowbit.kernels.dispatch.
+Weight decodes are the layouts' own `dequantize` (lowbit.quant_core.layouts), put in the logical weight shape by
+`weight_from_matrix`; the fused GEMMs and the integer path are specified here with the same arithmetic in the
+same order and precision as their kernels (fp32 weight reconstruction, rounding to the activation dtype, fp32
+accumulation, fp32 epilogue; exact integer accumulators for the int8 GEMM), so a kernel may differ from its
+reference only by the summation order of the fp32 accumulation. They run on any device; the integer path here is
+the reference branch of lowbit.quant_core.ops, and every kernel check compares against these functions.
 
 Integer activation convention shared by act_quant and int8_gemm: an asymmetric b-bit activation code
 q = clamp(round_half_even(x / scale) + zero, 0, 2^b − 1) is stored as the int8 q − 128, so the int8 tensor

@@ -33,7 +33,7 @@ def test_every_section_reports(dry_run):
     assert "| UNet format |" in markdown and "| format + LoRA |" in markdown and "| op | shape |" in markdown
 
 
-def test_kernels_match_their_twins(dry_run):
+def test_kernels_match_their_references(dry_run):
     c = dry_run[0]["sections"]["correctness"]
     assert c["pass"], c["failed"]
     kernels = {row["kernel"] for row in c["rows"]}

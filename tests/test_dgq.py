@@ -55,7 +55,7 @@ def _layer_inputs(unet, call):
 def test_simulated_and_real_integer_paths_agree(tiny_dgq, tiny_calibration, case):
     """Every layer, at a timestep whose parameters mix tensor/channel/token axes (token groups: per-row scales in
     the GEMM epilogue; channel groups: per-K-block scales, blocks of 8 or single channels): the integer path
-    (kernel twins on CPU, which test_kernels checks against the Triton kernels under the interpreter) and fake
+    (the torch reference on CPU, which test_kernels checks against the Triton kernels under the interpreter) and fake
     quantization give the same values up to fp32 summation order; a Q/K/V output may round to the neighbouring
     code of its output quantizer."""
     unet, per_channel = tiny_dgq[case], DGQ_CASES[case].channel_block == 1
@@ -70,7 +70,7 @@ def test_simulated_and_real_integer_paths_agree(tiny_dgq, tiny_calibration, case
                 params = layer.act_params("input")
                 axis = int(params.axis[params.step_index(TIMESTEPS[1])])
                 if per_channel and (axis != AXIS_CHANNEL or axes.count(axis) == 10):
-                    continue  # single-channel K-blocks: the twin loops over K, so 10 channel-grouped layers
+                    continue  # single-channel K-blocks: the reference loops over K, so 10 channel-grouped layers
                 axes.append(axis)
                 simulated = layer(x)
                 with execution("real"):

@@ -1,10 +1,10 @@
-"""Triton kernels vs their torch twins, the twins vs the formats' definitions, and dispatch.
+"""Triton kernels vs their torch references, the references vs the formats' definitions, and the ops table.
 
 The kernel checks run `python -m lowbit.bench.kernels --check` in a subprocess with TRITON_INTERPRET=1 in
 its environment, so Triton is imported with the interpreter on and the kernels run on CPU tensors at small
 shapes; this module itself never imports Triton. Tolerances (stated per case in the report): exact for
-activation codes, code sums, int32 GEMM accumulators and decoded weights; ‖y − twin‖ ≤ 1e-2 ‖twin‖ for
-GEMMs with fp16 weight tiles; 1e-5 of max |twin| (fp32 rounding) for the int8 GEMM's fp32 output.
+activation codes, code sums, int32 GEMM accumulators and decoded weights; ‖y − ref‖ ≤ 1e-2 ‖ref‖ for
+GEMMs with fp16 weight tiles; 1e-5 of max |ref| (fp32 rounding) for the int8 GEMM's fp32 output.
 bf16 is checked on CUDA only (`--check --device cuda`): the interpreter mishandles bf16.
 """
 import json
@@ -45,7 +45,7 @@ def test_check_runs_under_the_interpreter(check_report):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_kernel_matches_twin(check_report, kernel):
+def test_kernel_matches_its_reference(check_report, kernel):
     rows = [r for r in check_report["results"] if r["kernel"] == kernel]
     failed = [r for r in rows if not r["pass"]]
     assert rows and not failed, json.dumps(failed, indent=1)
@@ -58,7 +58,7 @@ def test_exactness_is_demanded_where_stated(check_report):
             assert row["tolerance"] == 0.0, row
 
 
-# ---- twins vs the definitions of the formats ---------------------------------------------------------------
+# ---- references vs the definitions of the formats ---------------------------------------------------------------
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
@@ -71,25 +71,36 @@ def _vq_tensors(n_out, k, books, gen):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 0), (4, 32), (3, 16), (8, 0)])
-def test_affine_twin_decode_equals_layout(bits, group):
+def test_affine_reference_decode_is_the_format_definition(bits, group):
+    """w[n, k] = (q[n, k] − zero[n, k // g]) · scale[n, k // g], indexed element by element; the logical-shape
+    decode is the inverse of the matrix view."""
+    from lowbit.quant_core.packing import unpack_bits
     t = quantize_int_affine(torch.randn(24, 96, generator=_gen()), bits, group)
-    ref = IntAffine.dequantize(t, {"bits": bits, "group_size": group}, 24, 96)
+    q = unpack_bits(t["qweight"], bits, 96).double()
+    g = group or 96
+    want = torch.tensor([[(q[n, k] - t["zero"][n, k // g].double()) * t["scale"][n, k // g].double()
+                          for k in range(96)] for n in range(24)])
     args = (t["qweight"], t["scale"], t["zero"], bits, group)
-    assert torch.equal(reference.affine_matrix(*args), ref)
+    assert torch.equal(reference.affine_matrix(*args).double(), want)
     conv = reference.affine_decode(*args, (24, 32, 1, 3), torch.float16)
-    assert torch.equal(matrix_view(conv), ref.half())
+    assert conv.shape == (24, 32, 1, 3) and torch.equal(matrix_view(conv), want.half())
 
 
-def test_vq_twin_decode_equals_layout():
+def test_vq_reference_decode_is_the_format_definition():
+    """w[n, k] = scale[n] · Σ_m codebooks[m, codes[n, k // 8, m], k % 8], indexed element by element."""
     t = _vq_tensors(24, 96, 3, _gen())
-    ref = VQ.dequantize(t, {"num_codebooks": 3, "codebook_bits": 8, "group_size": 8}, 24, 96)
+    books = t["codebooks"].double()
+    want = torch.tensor([[float(t["scales"][n, 0]) * sum(float(books[m, int(t["codes"][n, k // 8, m]), k % 8])
+                                                        for m in range(3)) for k in range(96)] for n in range(24)],
+                        dtype=torch.float64)
     dense = reference.vq_decode(t["codes"], t["codebooks"], t["scales"], (24, 96), torch.float32)
-    assert torch.equal(dense, ref)
+    # the layout sums the codewords in fp32: within fp32 rounding of the float64 definition
+    assert torch.allclose(dense.double(), want, rtol=1e-6, atol=1e-6)
     conv = reference.vq_decode(t["codes"], t["codebooks"], t["scales"], (24, 32, 3, 1), torch.float16)
-    assert torch.equal(matrix_view(conv), ref.half())
+    assert conv.shape == (24, 32, 3, 1) and torch.equal(matrix_view(conv), dense.half())
 
 
-def test_vq_twin_linear_applies_scale_after_the_product():
+def test_vq_reference_linear_applies_scale_after_the_product():
     t = _vq_tensors(24, 96, 4, _gen())
     x = torch.randn(5, 96, generator=_gen(1)).half()
     ref = F.linear(x.float(), VQ.dequantize(t, {"num_codebooks": 4, "codebook_bits": 8, "group_size": 8}, 24, 96))
@@ -108,7 +119,7 @@ def _fake_quant(x, scale, zero, bits, group_k=0):
 
 
 @pytest.mark.parametrize("w_bits,group_k", [(8, 0), (8, 32), (4, 0), (4, 48)])
-def test_int8_twin_equals_fake_quant(w_bits, group_k):
+def test_int8_reference_equals_fake_quant(w_bits, group_k):
     gen = _gen(w_bits + group_k)
     x = torch.randn(9, 96, generator=gen)
     t = quantize_int_affine(torch.randn(16, 96, generator=gen), w_bits, 0)

@@ -3,7 +3,7 @@
 A layout says which tensors a quantized weight is stored as and how to turn them back into the dense
 [out, K] matrix (the "matrix view": Conv2d weights permuted to [out, kh, kw, in] and flattened, so a group
 of consecutive K entries is consecutive input channels at one kernel tap). Every layout has a plain-torch
-`dequantize`; fast kernels are looked up separately (lowbit.kernels.dispatch) and fall back to it.
+`dequantize`; fast kernels register in lowbit.quant_core.ops and fall back to it.
 """
 from typing import ClassVar, Mapping
 
