@@ -267,3 +267,21 @@ def test_a_real_launch_failure_falls_back(kernels_on_cpu, caplog):
     assert torch.equal(layer(x), F.linear(x, layer.dequantize_weight(torch.float16), layer.bias.half()))
     logged = _warnings(caplog)
     assert len(logged) == 1 and "vq_decode" in logged[0], logged
+
+
+def test_patched_layers_decode_with_the_kernel(kernels_on_cpu, monkeypatch):
+    """A layer with host weight patches (LoRA) dequantizes through the registered decode kernel where one is
+    usable (on a GPU: the Triton decode, not the slower torch reference), then applies the patch."""
+    decoded = []
+    real_decode = affine_gemm.affine_decode
+
+    def spy(*args, **kwargs):
+        decoded.append(args[-1])
+        return real_decode(*args, **kwargs)
+    monkeypatch.setattr(affine_gemm, "affine_decode", spy)
+    lin = _rtn_layer(nn.Linear(64, 24))
+    delta = torch.randn(24, 64).half() * 0.01
+    lin.weight_function.append(lambda w: w + delta)
+    x = torch.randn(3, 64).half()
+    want = F.linear(x, lin.dequantize_weight(torch.float16) + delta, lin.bias.half())
+    assert torch.equal(lin(x), want) and decoded == [torch.float16]
