@@ -1,15 +1,16 @@
 """Foundation end to end: the RTN workflow in the real ComfyUI server on the full-size random SDXL checkpoint,
 then the same quantization in-process to measure output error and reload fidelity.
 
-Order matters (module-scoped state): the server run writes the LowBit file the later tests read; the
-low-VRAM test stops the session's server (a second SDXL server would not fit beside it). conftest runs this module
-after every other server test, so no server test needs memory after this module's in-process SDXL.
+Each test stands alone: what several need (the LowBit file and the image of one RTN workflow run) comes from the
+module-scoped fixture `rtn_run`. Memory: the low-VRAM test and the in-process error test (fixture `w4_file`) stop
+the session's server first (a second SDXL, in a server or in this process, does not fit beside it in 24 GB;
+`stop(cleanup=False)` keeps its output folder), so conftest runs this module after every other server test.
 """
 import json
-import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,22 +19,35 @@ from helpers.fixtures import load_api_workflow
 
 pytestmark = [pytest.mark.comfy_server, pytest.mark.slow]
 W4_ANALYTIC_BITS = 4 + (16 + 8) / 128  # 4-bit codes + fp16 scale + uint8 zero per 128 weights
-STATE = {}
+SDXL_QUANTIZED_LAYERS = 771  # every Linear/Conv2d select_layers picks in SDXL (test_selection.py counts them)
+# Exact sizes of the fixed SDXL architecture: 2 567 463 684 parameters in fp16; W4 g128: the 2 540 953 600 quantized
+# weights at 4.1875 bits (1 330 030 400 bytes), the last, partial group of the 14 layers whose K is not a multiple
+# of 128 (one more fp16 scale + uint8 zero per row: 8 640 bytes) and the 26 510 084 other parameters in 16 bits.
+SDXL_FP16_BYTES, SDXL_W4_BYTES = 5_134_927_368, 1_383_059_208
 
 
-def test_rtn_workflow_runs_in_real_comfyui(comfy_server):
+@pytest.fixture(scope="module")
+def rtn_run(comfy_server):
+    """One run of the RTN quantize-and-generate workflow in the session's server: {"saved": path of the LowBit
+    file (str), "images": [PNG paths]}."""
     prompt = load_api_workflow("lowbit_rtn_quantize_and_generate", **{
         "1__ckpt_name": "sdxl_random.safetensors", "5__width": 64, "5__height": 64, "6__steps": 2,
         "8__filename_prefix": "e2e/rtn", "9__filename_prefix": "e2e/sdxl_w4"})
     history = comfy_server.run(prompt, timeout=1200)
-    images = comfy_server.output_files(history)
+    return {"saved": history["outputs"]["9"]["text"][0], "images": comfy_server.output_files(history)}
+
+
+def _unet_name(saved):
+    return saved.split("diffusion_models/", 1)[1]
+
+
+def test_rtn_workflow_runs_in_real_comfyui(rtn_run):
+    images = rtn_run["images"]
     assert len(images) == 1 and images[0].stat().st_size > 0
-    saved = history["outputs"]["9"]["text"][0]
-    assert saved.endswith("_00001_.safetensors")
-    STATE["saved"], STATE["image"] = saved, images[0]
+    assert rtn_run["saved"].endswith("_00001_.safetensors") and Path(rtn_run["saved"]).is_file()
 
 
-def test_interrupted_quantization_resumes_to_the_same_file(comfy_server):
+def test_interrupted_quantization_resumes_to_the_same_file(comfy_server, rtn_run):
     """POST /interrupt mid-quantization writes no output file and keeps the finished parts; queueing the
     same workflow again resumes from them and saves a file byte-identical to the uninterrupted run's."""
     from helpers.comfy_server import ComfyInterrupted
@@ -56,7 +70,7 @@ def test_interrupted_quantization_resumes_to_the_same_file(comfy_server):
     assert len(list(run_dir.glob("part_*.safetensors"))) >= 4  # >= 256 finished layers kept
     history = comfy_server.run(prompt, timeout=1200)
     resumed = history["outputs"]["9"]["text"][0]
-    with open(resumed, "rb") as a, open(STATE["saved"], "rb") as b:
+    with open(resumed, "rb") as a, open(rtn_run["saved"], "rb") as b:
         assert a.read() == b.read()
     assert not list(checkpoints.iterdir())  # removed once the run finished
 
@@ -67,13 +81,13 @@ def _pixels(path):
         return im.convert("RGB").tobytes()
 
 
-def test_load_and_generate_reproduces_the_quantized_image(comfy_server):
-    name = STATE["saved"].split("diffusion_models/", 1)[1]
+def test_load_and_generate_reproduces_the_quantized_image(comfy_server, rtn_run):
+    name = _unet_name(rtn_run["saved"])
     prompt = load_api_workflow("lowbit_load_and_generate", **{
         "1__ckpt_name": "sdxl_random.safetensors", "2__unet_name": name, "5__width": 64, "5__height": 64,
         "6__steps": 2, "8__filename_prefix": "e2e/reloaded"})
     images = comfy_server.output_files(comfy_server.run(prompt, timeout=1200))
-    assert _pixels(images[0]) == _pixels(STATE["image"])  # same seed: the reloaded file samples identically
+    assert _pixels(images[0]) == _pixels(rtn_run["images"][0])  # same seed: the reloaded file samples identically
 
 
 def test_compare_workflow_reports_on_the_quantized_model(comfy_server):
@@ -85,16 +99,21 @@ def test_compare_workflow_reports_on_the_quantized_model(comfy_server):
     with Image.open(grid[0]) as im:
         assert im.size == (3 * 64, 64)  # fp | quantized | difference
     report = json.loads(history["outputs"]["5"]["text"][0])
-    assert report["method"] == "rtn" and abs(report["bits_per_weight"] - W4_ANALYTIC_BITS) < 0.1
-    assert 0 < report["latent_relative_error"] < 1 and math.isfinite(report["psnr_db"])
-    assert report["quantized_bytes"] < 0.3 * report["fp_bytes"]
+    print(f"[rtn compare] {json.dumps(report)}")
+    assert report["method"] == "rtn" and report["bits_per_weight"] == pytest.approx(W4_ANALYTIC_BITS, abs=1e-4)
+    assert (report["fp_bytes"], report["quantized_bytes"]) == (SDXL_FP16_BYTES, SDXL_W4_BYTES)
+    # The workflow is seeded (noise seed 42, 2 steps), so these are deterministic: measured 0.0890 latent relative
+    # error and 36.07 dB. The 4-bit rounding of this random network sets them; fp32 summation order (another BLAS,
+    # thread count) changes each op's rounding by ~1e-7 relative, far below that: +-10% of the error, +-1 dB.
+    assert 0.080 < report["latent_relative_error"] < 0.098, report["latent_relative_error"]
+    assert 35.07 < report["psnr_db"] < 37.07, report["psnr_db"]
     comfy_server.free()
 
 
 LOWVRAM_BUDGET_MIB = 512  # the UNet file is ~1.4 GB: ComfyUI must leave most of it offloaded
 
 
-def test_load_and_generate_with_lowvram_partial_loading(comfy_server, sdxl_ckpt):
+def test_load_and_generate_with_lowvram_partial_loading(comfy_server, sdxl_ckpt, rtn_run):
     """`lowbit_load_and_generate` in a second server on a simulated 512 MiB device (helpers/simulated_vram_main.py
     hands ComfyUI's loader the partial-loading budget a small card gives; ComfyUI refuses --lowvram together with
     --cpu, and on a CPU it always loads whole): ComfyUI loads the LowBit UNet partially (its log says so) and the
@@ -108,27 +127,36 @@ def test_load_and_generate_with_lowvram_partial_loading(comfy_server, sdxl_ckpt)
     launcher = [str(Path(__file__).parent / "helpers" / "simulated_vram_main.py"), str(LOWVRAM_BUDGET_MIB)]
     with ComfyServer(checkpoint=sdxl_ckpt, launcher=launcher) as low:
         link = low.models_dir("diffusion_models") / "lowvram_w4.safetensors"
-        link.symlink_to(Path(STATE["saved"]).resolve())
+        link.symlink_to(Path(rtn_run["saved"]).resolve())
         prompt = load_api_workflow("lowbit_load_and_generate", **{
             "1__ckpt_name": "sdxl_random.safetensors", "2__unet_name": link.name, "5__width": 64, "5__height": 64,
             "6__steps": 2, "8__filename_prefix": "e2e/lowvram"})
         images = low.output_files(low.run(prompt, timeout=1200))
         log = low.log_text()
-        assert _pixels(images[0]) == _pixels(STATE["image"])
+        assert _pixels(images[0]) == _pixels(rtn_run["images"][0])
     partial = [line for line in log.splitlines() if "loaded partially" in line]
     assert partial, f"ComfyUI never loaded a model partially; log tail:\n{log[-3000:]}"
     assert any("MB offloaded" in line and float(line.split("MB loaded, ")[1].split(" MB offloaded")[0]) > 500
                for line in partial)  # the UNet: most of its ~1.4 GB left offloaded and cast at each forward
 
 
-def test_info_reports_true_bits_and_size():
-    out = subprocess.run([sys.executable, "-m", "lowbit", "info", STATE["saved"]], capture_output=True, text=True,
+def test_info_reports_true_bits_and_size(rtn_run):
+    out = subprocess.run([sys.executable, "-m", "lowbit", "info", rtn_run["saved"]], capture_output=True, text=True,
                          check=True)
     info = json.loads(out.stdout)
     assert info["format_version"] == 1 and info["arch"] == "sdxl" and info["method"] == "rtn"
-    assert abs(info["bits_per_weight"] - W4_ANALYTIC_BITS) < 0.1
-    assert info["total_bytes"] <= 0.30 * info["fp16_bytes"]
-    assert 760 <= info["quantized_layers"] <= 780
+    assert info["bits_per_weight"] == pytest.approx(W4_ANALYTIC_BITS, abs=1e-4)  # 4.18753 with the partial groups
+    assert (info["total_bytes"], info["fp16_bytes"]) == (SDXL_W4_BYTES, SDXL_FP16_BYTES)
+    assert (info["quantized_params"], info["total_params"]) == (2_540_953_600, 2_567_463_684)
+    assert info["quantized_layers"] == SDXL_QUANTIZED_LAYERS
+
+
+@pytest.fixture(scope="module")
+def w4_file(rtn_run, comfy_server):
+    """rtn_run's LowBit file, with the session's server stopped (its output folder kept) so that this process
+    can hold an SDXL of its own: no later test needs that server (conftest runs this module last)."""
+    comfy_server.stop(cleanup=False)
+    return rtn_run["saved"]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +192,7 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_quantized_output_error_is_bounded(fp_model, unet_inputs, comfy_server):
+def test_quantized_output_error_is_bounded(w4_file, fp_model, unet_inputs):
     """W4: the file the workflow saved (it reproduces the workflow's image bit for bit, see above); W8:
     quantized here by the node. Both against the fp UNet on the same input."""
     from lowbit.nodes.load import LowBitLoadQuantizedUNet
@@ -172,19 +200,21 @@ def test_quantized_output_error_is_bounded(fp_model, unet_inputs, comfy_server):
     import folder_paths
     ref = _unet_out(fp_model, unet_inputs)
     assert torch.isfinite(ref).all()
-    folder_paths.add_model_folder_path("diffusion_models", str(comfy_server.output_dir / "diffusion_models"))
-    w4 = LowBitLoadQuantizedUNet.execute(STATE["saved"].split("diffusion_models/", 1)[1]).result[0]
+    name = _unet_name(w4_file)
+    folder_paths.add_model_folder_path("diffusion_models", w4_file[:-len(name)].rstrip("/"))
+    w4 = LowBitLoadQuantizedUNet.execute(name).result[0]
     err_w4 = _rel_err(_unet_out(w4, unet_inputs), ref)
     del w4
     w8 = LowBitQuantizeUNet.execute(fp_model, "rtn", 8, 128).result[0]
     err_w8 = _rel_err(_unet_out(w8, unet_inputs), ref)
     print(f"relative UNet output error: W8 g128 {err_w8:.4%}, W4 g128 {err_w4:.4%}")
-    assert err_w8 < 0.01
     # 4-bit rounding of these (uniform-initialised) weights costs >= 6.25% relative error per layer (24 dB
     # SQNR), and this random network amplifies layer errors ~2.6x at every bit width (W8: 0.35% -> 0.9%),
-    # so W4 g128 lands near 17%: the bound is set from that measurement, not from the 10% of trained models.
-    assert err_w4 < 0.20
-    assert err_w8 < err_w4 / 10
+    # so W4 g128 lands near 17%: the bounds are set from the measurement, not from the 10% of trained models.
+    # Measured 0.905% (W8) and 17.27% (W4) on these seeded inputs; deterministic up to the fp32 summation order,
+    # which moves them far less than the +-10% allowed here.
+    assert 0.0081 < err_w8 < 0.0100, err_w8
+    assert 0.155 < err_w4 < 0.190, err_w4
     # the user's MODEL is untouched
     assert torch.equal(_unet_out(fp_model, unet_inputs), ref)
 

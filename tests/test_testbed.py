@@ -94,8 +94,11 @@ def test_classifier_accuracy_on_fresh_data(classifier):
     assert classifier.attribute_accuracy(images, scenes) >= 0.95
     prompts = [data.caption(s) for s in scenes]
     assert classifier.alignment(images, prompts) >= 0.95
-    # Mismatched prompts score low: alignment measures the prompt, not image quality.
-    assert classifier.alignment(images, prompts[1:] + prompts[:1]) < 0.5
+    # Mismatched prompts score low: alignment measures the prompt, not image quality. Another scene's caption agrees
+    # by chance only: measured 0.122 here (0.111-0.122 over seeds 1-3; the standard error of the mean over 600 scenes
+    # is 0.008), so 0.09-0.16 is 4 standard errors around it; a score that followed image quality rather than the
+    # prompt would stay near the matched 1.0.
+    assert 0.09 < classifier.alignment(images, prompts[1:] + prompts[:1]) < 0.16
     assert classifier.features(images[:5]).shape == (5, classifier.feature_dim)
 
 
