@@ -6,22 +6,23 @@ Entries, all PCR at one W·A· setting with the same calibration record and samp
 - `progressive_relaxed`: progressive calibration with 10-bit activations on the first 20% of the steps;
 - `activations_16bit`: the same weights with 16-bit activations on every step: what is left of the distance
   to fp with activation quantization out of the picture, the bound no activation calibration can beat.
-All variants share the weights: `--weight-rounding` (minmax: round to nearest, the default; gptq: GPTQ
-rounding on the same grid) applies to every entry, so the ratios measure activation calibration only.
+All variants share the weights: `--weight-rounding` (nearest, the default; gptq; adaround: block
+reconstruction, rerun for every entry) applies to every entry, so the ratios measure activation calibration only.
 Each is sampled on the same in-domain and held-out prompts and seeds as the full-precision model and
 scored by PSNR and Fréchet distance to the fp samples ("FID to FP") and by alignment. `ratios` gives each
 entry's Fréchet distance and MSE to fp (10^(−PSNR/10)) relative to `oneshot`. `range_drift` says how far
 progressive calibration moved the ranges: per sampling step, the 10th/50th/90th percentile over layers of the
 ratio of the progressive input range to the one-shot one. Same testbed, prompts,
 calibration and output conventions as `bench quality` (default bench/results/qdiff_<bits>_seed<S>.json, with
-`_gptq` before `.json` for GPTQ-rounded weights; PNG grid beside it).
+`_gptq` / `_adaround` before `.json` for re-rounded weights; PNG grid beside it).
 """
 import json
 import sys
 import time
 
 from ..quant_core.bitspec import parse_bits_spec
-from .quality import SPLITS, add_common_arguments, load_testbed_run, output_paths, quantized_copy, write_report
+from .quality import (SPLITS, add_common_arguments, load_testbed_run, output_paths, quantized_copy, rounding_options,
+                      rounding_suffix, write_report)
 
 VARIANTS = {"oneshot": {"progressive": False, "relax": "none"},
             "progressive": {"progressive": True, "relax": "none"},
@@ -31,8 +32,6 @@ VARIANTS = {"oneshot": {"progressive": False, "relax": "none"},
 
 def add_arguments(p):
     add_common_arguments(p)
-    p.add_argument("--weight-rounding", default="minmax",
-                   help="PCR weight rounding of every variant: minmax (to nearest) or gptq (Hessian-aware, same grid)")
 
 
 def run(args):
@@ -40,8 +39,7 @@ def run(args):
     weight_bits, act_bits = parse_bits_spec(args.bits)
     if act_bits is None:
         raise SystemExit(f"qdiff compares activation calibrations: give W{weight_bits}A<bits>")
-    rounding = "" if args.weight_rounding == "minmax" else f"_{args.weight_rounding}"
-    path, grid = output_paths(args.out, f"qdiff_{args.bits.upper()}_seed{args.seed}{rounding}")
+    path, grid = output_paths(args.out, f"qdiff_{args.bits.upper()}_seed{args.seed}{rounding_suffix(args)}")
     start = time.perf_counter()
     testbed = load_testbed_run(args.n, args.seed, args.steps, args.cfg)
     reference = testbed.samples(testbed.unet)
@@ -49,7 +47,7 @@ def run(args):
     rows, entries, models = {"fp": reference}, {}, {}
     for name, options in VARIANTS.items():
         t0 = time.perf_counter()
-        config = PCRConfig(weight_bits=weight_bits, act_bits=act_bits, weight_rounding=args.weight_rounding,
+        config = PCRConfig(weight_bits=weight_bits, act_bits=act_bits, **rounding_options(args),
                            **options)
         models[name] = quantized_copy(testbed, config, calibration)
         rows[name] = testbed.samples(models[name])

@@ -38,11 +38,16 @@ SPLITS = ("in_domain", "held_out")
 GRID_PER_SPLIT = 4
 
 
-def method_config(method: str, weight_bits: int, act_bits):
-    """(config, note) of `method` at the setting; config None when the method does not apply."""
+ROUNDED_METHODS = ("rtn", "minmax", "dgq", "dgq_fp_attention", "pcr")  # int_affine: take --weight-rounding
+
+
+def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None, rtn_group_size: int = 128):
+    """(config, note) of `method` at the setting; config None when the method does not apply. `rounding`: the
+    RoundingOptions fields for the int_affine methods (lowbit.quant_core.weight_rounding)."""
     from ..quant_core.methods import config_from
+    rounding = rounding or {}
     if method == "rtn":
-        return config_from("rtn", bits=weight_bits), \
+        return config_from("rtn", bits=weight_bits, group_size=rtn_group_size, **rounding), \
             None if act_bits is None else f"weight-only: runs at W{weight_bits}"
     if method == "vq":
         codebooks = min((2, 3, 4), key=lambda m: abs(m - weight_bits))  # m codebooks: m code bits per weight
@@ -53,8 +58,9 @@ def method_config(method: str, weight_bits: int, act_bits):
     if act_bits is None:
         return None, f"{method} quantizes activations: give W{weight_bits}A<bits>"
     if method == "dgq_fp_attention":
-        return config_from("dgq", weight_bits=weight_bits, act_bits=act_bits, quantize_attention=False), None
-    return config_from(method, weight_bits=weight_bits, act_bits=act_bits), None
+        return config_from("dgq", weight_bits=weight_bits, act_bits=act_bits, quantize_attention=False,
+                           **rounding), None
+    return config_from(method, weight_bits=weight_bits, act_bits=act_bits, **rounding), None
 
 
 @dataclass
@@ -180,11 +186,34 @@ def add_common_arguments(p):
     p.add_argument("--steps", type=int, default=10, help="sampling steps (euler, normal schedule)")
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--calib-prompts", type=int, default=32, help="calibration prompts")
+    p.add_argument("--weight-rounding", default="nearest", choices=("nearest", "gptq", "adaround"),
+                   help="weight rounding of the int_affine methods (rtn, minmax, dgq, pcr) on their grids")
+    p.add_argument("--reconstruction-iterations", type=int, default=2000, help="adaround: steps per UNet block")
+    p.add_argument("--reconstruction-inputs", default="quantized", choices=("quantized", "fp"),
+                   help="adaround: block inputs with earlier blocks quantized, or full precision")
+
+
+def rounding_options(args) -> dict:
+    """The RoundingOptions fields the arguments ask for ({} for plain rounding)."""
+    if args.weight_rounding == "nearest":
+        return {}
+    return {"weight_rounding": args.weight_rounding, "reconstruction_iterations": args.reconstruction_iterations,
+            "reconstruction_inputs": args.reconstruction_inputs}
+
+
+def rounding_suffix(args) -> str:
+    """File-name suffix of a rounding other than nearest: _gptq, _adaround (2000 iterations, quantized inputs),
+    _adaround500_fp, ..."""
+    if args.weight_rounding != "adaround":
+        return "" if args.weight_rounding == "nearest" else f"_{args.weight_rounding}"
+    return ("_adaround" + ("" if args.reconstruction_iterations == 2000 else str(args.reconstruction_iterations))
+            + ("" if args.reconstruction_inputs == "quantized" else f"_{args.reconstruction_inputs}"))
 
 
 def add_arguments(p):
     p.add_argument("--methods", default=",".join(METHOD_NAMES),
                    help="comma-separated: " + ", ".join(METHOD_NAMES + EXTRA_METHODS))
+    p.add_argument("--rtn-group-size", type=int, default=128, help="rtn: weights per range, 0 = per channel")
     add_common_arguments(p)
 
 
@@ -194,7 +223,8 @@ def run(args):
     unknown = sorted(set(methods) - set(METHOD_NAMES + EXTRA_METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHOD_NAMES + EXTRA_METHODS)}")
-    path, grid = output_paths(args.out, f"quality_{args.bits.upper()}_seed{args.seed}")
+    group = "" if args.rtn_group_size == 128 else f"_g{args.rtn_group_size}"
+    path, grid = output_paths(args.out, f"quality_{args.bits.upper()}_seed{args.seed}{group}{rounding_suffix(args)}")
     start = time.perf_counter()
     testbed = load_testbed_run(args.n, args.seed, args.steps, args.cfg)
     reference = testbed.samples(testbed.unet)
@@ -203,7 +233,9 @@ def run(args):
     rows, skipped = {"fp": reference}, {}
     calibration = None
     for method in methods:
-        config, note = method_config(method, weight_bits, act_bits)
+        config, note = method_config(method, weight_bits, act_bits,
+                                     rounding_options(args) if method in ROUNDED_METHODS else None,
+                                     args.rtn_group_size)
         if config is None:
             skipped[method] = note
             print(f"skipping {method}: {note}", file=sys.stderr)

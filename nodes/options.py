@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from comfy_api.latest import io
 
 from ..quant_core.bitspec import parse_bits_spec
+from ..quant_core.weight_rounding import RECONSTRUCTION_INPUTS, ROUNDINGS
 from .types import Options
 
 VQ_FORMATS = ["2x8g8", "3x8g8", "4x8g8"]
@@ -23,6 +24,28 @@ def _layers_input():
     return io.String.Input("layers", default="", tooltip="Quantize only the layers whose name matches this regular "
                                                         "expression (e.g. 'output_blocks\\.[0-2]\\.'); empty = all "
                                                         "771 SDXL layers. The rest stays 16-bit.")
+
+
+def _rounding_inputs():
+    return [
+        io.Combo.Input("weight_rounding", options=list(ROUNDINGS), default="nearest",
+                       tooltip="Which code each weight gets on its grid (same grid, file format and speed): "
+                               "nearest = plain rounding (data-free); gptq = each weight's rounding error is "
+                               "compensated on the layer's later inputs (XᵀX of the calibration activations; "
+                               "fast); adaround = rounding learned on every UNet block's output (the papers' "
+                               "block reconstruction; best, slow: see README). gptq and adaround need a "
+                               "calibration input."),
+        io.Int.Input("reconstruction_iterations", default=2000, min=1, max=100000,
+                     tooltip="adaround: optimiser steps per UNet block (the papers use 2000)."),
+        io.Combo.Input("reconstruction_inputs", options=list(RECONSTRUCTION_INPUTS), default="quantized",
+                       tooltip="adaround: block inputs from the model with earlier blocks already quantized "
+                               "(later blocks learn to absorb earlier errors) or from the full-precision model."),
+    ]
+
+
+def _rounding(weight_rounding, reconstruction_iterations, reconstruction_inputs) -> dict:
+    return {"weight_rounding": weight_rounding, "reconstruction_iterations": reconstruction_iterations,
+            "reconstruction_inputs": reconstruction_inputs}
 
 
 def _output():
@@ -83,17 +106,21 @@ class LowBitDGQOptions(io.ComfyNode):
                                  tooltip="MSE-searched weight ranges instead of min-max (slower to quantize)."),
                 io.Boolean.Input("quantize_attention", default=True,
                                  tooltip="Also quantize Q/K/V and the softmax probabilities (log grid)."),
+                *_rounding_inputs(),
                 _layers_input(),
             ],
             outputs=_output(),
         )
 
     @classmethod
-    def execute(cls, bits, groups, range_search, quantize_attention, layers) -> io.NodeOutput:
+    def execute(cls, bits, groups, range_search, quantize_attention, weight_rounding, reconstruction_iterations,
+                reconstruction_inputs, layers) -> io.NodeOutput:
         weight_bits, act_bits = parse_bits_spec(bits)
         return io.NodeOutput(QuantOptions("dgq", {"weight_bits": weight_bits, "act_bits": act_bits,
                                                   "groups": int(groups), "range_search": range_search,
-                                                  "quantize_attention": quantize_attention}, layers))
+                                                  "quantize_attention": quantize_attention,
+                                                  **_rounding(weight_rounding, reconstruction_iterations,
+                                                              reconstruction_inputs)}, layers))
 
 
 class LowBitPCROptions(io.ComfyNode):
@@ -117,24 +144,47 @@ class LowBitPCROptions(io.ComfyNode):
                                        "the SDXL choice), the last ones, or none."),
                 io.Float.Input("relax_fraction", default=0.2, min=0.0, max=1.0, step=0.05,
                                tooltip="Fraction of the steps that are relaxed."),
-                io.Combo.Input("weight_rounding", options=["minmax", "gptq"], default="minmax",
-                               tooltip="minmax: weights rounded to the nearest level of their per-channel "
-                                       "min-max grid. gptq: same grid and file format, but each weight's rounding "
-                                       "error is compensated on the layer's later inputs using the calibration "
-                                       "activations (GPTQ); much closer to full precision at 4 bits, costs a "
-                                       "replay of the recorded calibration calls and a per-layer fit."),
+                *_rounding_inputs(),
                 _layers_input(),
             ],
             outputs=_output(),
         )
 
     @classmethod
-    def execute(cls, bits, progressive, relax, relax_fraction, weight_rounding, layers) -> io.NodeOutput:
+    def execute(cls, bits, progressive, relax, relax_fraction, weight_rounding, reconstruction_iterations,
+                reconstruction_inputs, layers) -> io.NodeOutput:
         weight_bits, act_bits = parse_bits_spec(bits)
         return io.NodeOutput(QuantOptions("pcr", {"weight_bits": weight_bits, "act_bits": act_bits,
                                                   "progressive": progressive, "relax": relax,
                                                   "relax_fraction": relax_fraction,
-                                                  "weight_rounding": weight_rounding}, layers))
+                                                  **_rounding(weight_rounding, reconstruction_iterations,
+                                                              reconstruction_inputs)}, layers))
 
 
-OPTION_NODES = [LowBitVQOptions, LowBitDGQOptions, LowBitPCROptions]
+class LowBitRoundingOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LowBitRoundingOptions",
+            display_name="RTN / MinMax Options (LowBit)",
+            category="LowBit/quantize",
+            description="Weight rounding for rtn and minmax, whose bits come from LowBitQuantizeUNet's widgets: "
+                        "gptq or adaround choose better codes on the same grid from a calibration input.",
+            inputs=[
+                io.Combo.Input("method", options=["rtn", "minmax"], default="rtn",
+                               tooltip="The method these options are for (set the same method on the quantize "
+                                       "node)."),
+                *_rounding_inputs(),
+                _layers_input(),
+            ],
+            outputs=_output(),
+        )
+
+    @classmethod
+    def execute(cls, method, weight_rounding, reconstruction_iterations, reconstruction_inputs,
+                layers) -> io.NodeOutput:
+        return io.NodeOutput(QuantOptions(method, _rounding(weight_rounding, reconstruction_iterations,
+                                                            reconstruction_inputs), layers))
+
+
+OPTION_NODES = [LowBitVQOptions, LowBitDGQOptions, LowBitPCROptions, LowBitRoundingOptions]

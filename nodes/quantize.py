@@ -22,15 +22,16 @@ CHECKPOINT_FOLDER = "lowbit_checkpoints"
 
 
 def method_config(method: str, bits: int, group_size: int, options: QuantOptions):
-    """The method's config dataclass: RTN from the bits/group_size widgets, minmax from bits (A8), the others
-    from their options node (their defaults when none is connected)."""
+    """The method's config dataclass: RTN from the bits/group_size widgets, minmax from bits (A8), both with the
+    weight rounding of LowBitRoundingOptions, the others from their options node (their defaults when none is
+    connected)."""
     if options.method != method:
         raise LowBitError(f"LowBitQuantizeUNet: the connected options are for {options.method} but method is "
                           f"{method}; set method to {options.method} or connect {method}'s options node")
     if method == "rtn":
-        return config_from("rtn", bits=bits, group_size=group_size)
+        return config_from("rtn", bits=bits, group_size=group_size, **options.config)
     if method == "minmax":
-        return config_from("minmax", weight_bits=bits, act_bits=8)
+        return config_from("minmax", weight_bits=bits, act_bits=8, **options.config)
     return config_from(method, **options.config)
 
 
@@ -59,9 +60,10 @@ class LowBitQuantizeUNet(io.ComfyNode):
                                      "output channel. 128 is a good default for 4 bits."),
                 Calibration.Input("calibration", optional=True,
                                   tooltip="A record from LowBitCalibrate: needed by dgq, pcr and minmax, makes vq "
-                                          "Hessian-aware; ignored by rtn."),
+                                          "Hessian-aware; used by rtn only with gptq/adaround rounding."),
                 Options.Input("options", optional=True,
-                              tooltip="Settings of vq / dgq / pcr from their options node (defaults when empty)."),
+                              tooltip="Settings from the method's options node (defaults when empty); rtn and "
+                                      "minmax take LowBitRoundingOptions."),
             ],
             outputs=[io.Model.Output(tooltip="The quantized MODEL; save it with LowBitSaveQuantizedUNet.")],
         )
@@ -83,9 +85,8 @@ class LowBitQuantizeUNet(io.ComfyNode):
         if quant_method.needs_calibration and calibration is None:
             raise LowBitError(f"LowBitQuantizeUNet: {method} needs calibration data; connect a LowBitCalibrate "
                               "node to the calibration input")
-        record = None if calibration is None or method == "rtn" else calibration.load()
-        runs_model = record is not None
-        if runs_model:
+        record = None if calibration is None or not quant_method.runs_model(config) else calibration.load()
+        if record is not None:
             # the methods run the UNet itself; loading applies the MODEL's weight patches (LoRA) to it, and
             # every method restores the modules it swaps, so the MODEL computes what it did before
             comfy.model_management.load_models_gpu([model])

@@ -29,9 +29,11 @@ SOCKETS = {
                          "scheduler", "seed", "max_prompts"], [("calibration", "LOWBIT_CALIBRATION")]),
     "LowBitVQOptions": ([], ["format", "beam_size", "max_rounds", "distill_steps", "seed", "layers"],
                         [("options", "LOWBIT_OPTIONS")]),
-    "LowBitDGQOptions": ([], ["bits", "groups", "range_search", "quantize_attention", "layers"],
+    "LowBitDGQOptions": ([], ["bits", "groups", "range_search", "quantize_attention", "weight_rounding",
+                              "reconstruction_iterations", "reconstruction_inputs", "layers"],
                          [("options", "LOWBIT_OPTIONS")]),
-    "LowBitPCROptions": ([], ["bits", "progressive", "relax", "relax_fraction", "weight_rounding", "layers"],
+    "LowBitPCROptions": ([], ["bits", "progressive", "relax", "relax_fraction", "weight_rounding",
+                              "reconstruction_iterations", "reconstruction_inputs", "layers"],
                          [("options", "LOWBIT_OPTIONS")]),
     "LowBitSaveQuantizedUNet": ([("model", "MODEL")], ["filename_prefix"], [("path", "STRING")]),
     "LowBitLoadQuantizedUNet": ([], ["unet_name"], [("MODEL", "MODEL")]),
@@ -234,13 +236,15 @@ METHOD_NOTES = {
             "quantized model's own trajectory (about steps/2 extra sampling passes), the first 20% of steps at "
             "10-bit activations. Interrupted runs resume from output/lowbit_checkpoints when queued again."),
 }
+ROUNDING_DEFAULTS = {"weight_rounding": "nearest", "reconstruction_iterations": 2000,
+                     "reconstruction_inputs": "quantized"}
 METHOD_OPTIONS = {
     "vq": ("LowBitVQOptions", {"format": "3x8g8", "beam_size": 8, "max_rounds": 10, "distill_steps": 0,
                                "seed": 0, "layers": ""}),
     "dgq": ("LowBitDGQOptions", {"bits": "W8A8", "groups": "8", "range_search": False,
-                                 "quantize_attention": True, "layers": ""}),
+                                 "quantize_attention": True, **ROUNDING_DEFAULTS, "layers": ""}),
     "pcr": ("LowBitPCROptions", {"bits": "W8A8", "progressive": True, "relax": "first", "relax_fraction": 0.2,
-                                 "weight_rounding": "minmax", "layers": ""}),
+                                 **ROUNDING_DEFAULTS, "layers": ""}),
 }
 
 

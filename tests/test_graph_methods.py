@@ -67,8 +67,8 @@ MEASURED_ERROR = {"dgq": 0.02921, "pcr": 0.01444, "minmax": 0.01970, "vq": 0.003
 
 
 @pytest.mark.parametrize("method,options", [
-    ("dgq", ("LowBitDGQOptions", ("W8A8", "8", False, True, ""))),
-    ("pcr", ("LowBitPCROptions", ("W8A8", True, "first", 0.25, "gptq", ""))),
+    ("dgq", ("LowBitDGQOptions", ("W8A8", "8", False, True, "nearest", 2000, "quantized", ""))),
+    ("pcr", ("LowBitPCROptions", ("W8A8", True, "first", 0.25, "gptq", 2000, "quantized", ""))),
     ("minmax", None),
     ("vq", ("LowBitVQOptions", ("4x8g8", 4, 2, 0, 0, r"output_blocks\.[3-5]\.1\."))),
 ])

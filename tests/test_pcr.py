@@ -35,7 +35,7 @@ def _recorded_tiny_calibration(unet):
     return record_unet_calls(unet, lambda: _tiny_sampler(unet), {"prompts": ["tiny"]}, keep_outputs=False)
 
 
-def _pcr_file(path, resume, progress=None, relax="none", weight_rounding="minmax"):
+def _pcr_file(path, resume, progress=None, relax="none", weight_rounding="nearest"):
     from helpers.fixtures import tiny_sdxl_unet
     record = _recorded_tiny_calibration(tiny_sdxl_unet(seed=0))
     config = PCRConfig(weight_bits=4, act_bits=6, relax=relax, weight_rounding=weight_rounding)
@@ -45,7 +45,7 @@ def _pcr_file(path, resume, progress=None, relax="none", weight_rounding="minmax
     return save(path, tensors, Header("pcr", PCR().describe(config)).to_json(table)), unet
 
 
-@pytest.mark.parametrize("weight_rounding", ["minmax", "gptq"])
+@pytest.mark.parametrize("weight_rounding", ["nearest", "gptq"])
 def test_interrupted_calibration_resumes_to_an_identical_file(tmp_path, weight_rounding):
     torch.set_num_threads(1)
     uninterrupted, _ = _pcr_file(tmp_path / "a.safetensors", tmp_path / "a.ckpt", weight_rounding=weight_rounding)
@@ -67,7 +67,8 @@ def test_interrupted_calibration_resumes_to_an_identical_file(tmp_path, weight_r
     steps_run = []
     resumed, _ = _pcr_file(tmp_path / "b.safetensors", tmp_path / "b.ckpt",
                            lambda done, total, what: steps_run.append(what), weight_rounding=weight_rounding)
-    assert steps_run[1:] == ["progressive step 3/5", "progressive step 4/5", "progressive step 5/5"]
+    pcr_steps = [what for what in steps_run if what.startswith(("full-precision", "progressive"))]
+    assert pcr_steps[1:] == ["progressive step 3/5", "progressive step 4/5", "progressive step 5/5"]
     assert open(uninterrupted, "rb").read() == open(resumed, "rb").read()
     assert not list((tmp_path / "b.ckpt").iterdir())  # a finished run removes its checkpoint
 
@@ -143,15 +144,20 @@ def test_pcr_needs_a_sampler():
         quantize(tiny_sdxl_unet(seed=0), PCRConfig(), CalibrationRecord([]))
 
 
-def test_gptq_with_a_diagonal_hessian_is_round_to_nearest():
-    """Uncorrelated inputs: no error is moved between columns, so the codes are round-to-nearest's."""
-    from lowbit.quant_core.gptq import quantize_int_affine_gptq
+@pytest.mark.parametrize("group_size", [0, 8])
+def test_gptq_with_a_diagonal_hessian_is_round_to_nearest(group_size):
+    """Uncorrelated inputs: no error is moved between columns, so the codes are round-to-nearest's (per-row and
+    per-group grids)."""
     from lowbit.quant_core.layouts.int_affine import quantize_int_affine
+    from lowbit.quant_core.packing import unpack_bits
+    from lowbit.quant_core.weight_rounding.gptq import gptq_codes
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(24, 40, generator=gen)
     hessian = torch.diag(torch.rand(40, generator=gen) + 0.1)
-    rtn = quantize_int_affine(w, 4, 0)
-    assert all(torch.equal(rtn[k], v) for k, v in quantize_int_affine_gptq(w, hessian, 4).items())
+    rtn = quantize_int_affine(w, 4, group_size)
+    column_group = torch.arange(40) // (group_size or 40)
+    codes = gptq_codes(w, hessian, rtn["scale"].float()[:, column_group], rtn["zero"].float()[:, column_group], 4)
+    assert torch.equal(codes.to(torch.uint8), unpack_bits(rtn["qweight"], 4, 40))
 
 
 def test_gptq_rounding_lowers_the_layer_output_error_on_the_same_grid():
@@ -173,20 +179,20 @@ def test_gptq_rounding_lowers_the_layer_output_error_on_the_same_grid():
     quantized = {rounding: quantize_layers_of(unet, layers, PCRConfig(4, 6, progressive=False, relax="none",
                                                                       weight_rounding=rounding), record,
                                               sampler=_tiny_sampler)
-                 for rounding in ("minmax", "gptq")}
+                 for rounding in ("nearest", "gptq")}
     relaxed = quantize_layers_of(unet, layers, PCRConfig(4, 6, weight_rounding="gptq"), record, sampler=_tiny_sampler)
     hessians = collect_xtx(unet, layers, lambda: _tiny_sampler(unet))
-    errors = {"minmax": 0.0, "gptq": 0.0}
+    errors = {"nearest": 0.0, "gptq": 0.0}
     for name, layer in quantized["gptq"].items():
-        rtn = quantized["minmax"][name]
+        rtn = quantized["nearest"][name]
         assert torch.equal(layer.scale, rtn.scale) and torch.equal(layer.zero, rtn.zero), name
         assert torch.equal(layer.qweight, relaxed[name].qweight), name
         w = matrix_view(layers[name].weight.detach()).double()
-        for rounding, q in (("minmax", rtn), ("gptq", layer)):
+        for rounding, q in (("nearest", rtn), ("gptq", layer)):
             d = w - q.dequantize_matrix().double()
             errors[rounding] += float(torch.einsum("ok,kl,ol->", d, hessians[name], d))
     assert len(quantized["gptq"]) == len(layers) == len(hessians) > 20
-    assert errors["gptq"] < 0.5 * errors["minmax"], errors  # 0.23× here
+    assert errors["gptq"] < 0.5 * errors["nearest"], errors  # 0.23× here
 
 
 def test_gptq_rounding_is_part_of_the_checkpoint_key_and_needs_recorded_calls():
@@ -199,7 +205,7 @@ def test_gptq_rounding_is_part_of_the_checkpoint_key_and_needs_recorded_calls():
     with pytest.raises(LowBitError, match="recorded UNet calls"):
         quantize(unet, PCRConfig(weight_rounding="gptq"), CalibrationRecord([]), sampler=_tiny_sampler)
     with pytest.raises(LowBitError, match="weight_rounding"):
-        PCRConfig(weight_rounding="adaround")
+        PCRConfig(weight_rounding="stochastic")
 
 
 # ---- on the trained testbed ---------------------------------------------------------------------------------

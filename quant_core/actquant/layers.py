@@ -30,7 +30,6 @@ from torch import nn
 
 from .. import ops
 from ..errors import FileFormatError, LowBitError
-from ..gptq import quantize_int_affine_gptq
 from ..layouts.int_affine import SUPPORTED_BITS, quantize_int_affine
 from ..qlayers import LowBitConv2d, LowBitLinear, matrix_view, register_layer_class
 from .context import current_timestep, request_softmax_quant
@@ -243,20 +242,14 @@ def check_bits(method: str, weight_bits: int, act_bits: int) -> None:
 
 
 def make_act_layer(module: nn.Module, weight_bits: int, range_search: bool, act_in: ActParams,
-                   act_out: Optional[ActParams] = None, softmax: Optional[Mapping] = None,
-                   hessian: Optional[torch.Tensor] = None):
+                   act_out: Optional[ActParams] = None, softmax: Optional[Mapping] = None):
     """The activation-quantized replacement of an nn.Linear / nn.Conv2d: `int_affine` weights, one range per
-    output channel (min-max, or MSE-searched with range_search), K stored in act_in's channel order.
-    hessian: XᵀX [K, K] of the layer's inputs (matrix-view order, lowbit.quant_core.calib.statistics): the codes are
-    then GPTQ-rounded on that same grid (lowbit.quant_core.gptq) instead of rounded to nearest."""
+    output channel (min-max, or MSE-searched with range_search), rounded to nearest (methods re-round them with
+    lowbit.quant_core.weight_rounding), K stored in act_in's channel order."""
     w = matrix_view(module.weight.detach())
     if act_in.perm is not None:
         w = w[:, act_in.perm.long()]
-        hessian = None if hessian is None else hessian[act_in.perm.long()][:, act_in.perm.long()]
-    if hessian is None:
-        tensors = quantize_int_affine(w, weight_bits, 0, range_search)
-    else:
-        tensors = quantize_int_affine_gptq(w, hessian.to(w.device), weight_bits, range_search)
+    tensors = quantize_int_affine(w, weight_bits, 0, range_search)
     params = {"bits": weight_bits, "group_size": 0}
     # bias kept in 16-bit, as saved, so an in-memory model and its reloaded file compute the same
     bias = None if module.bias is None else module.bias.detach().to(torch.float16)

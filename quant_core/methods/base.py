@@ -33,9 +33,9 @@ class Method:
         """Default: layers are independent, so the model itself is not needed."""
         return self.quantize_layers(layers, config, calibration, progress)
 
-    @classmethod
-    def runs_model(cls) -> bool:
-        return cls.quantize_model is not Method.quantize_model
+    def runs_model(self, config) -> bool:
+        """Whether quantizing with `config` runs the model (else the layers are independent)."""
+        return type(self).quantize_model is not Method.quantize_model
 
     def describe(self, config) -> dict:
         """The config as the file header records it."""

@@ -25,7 +25,9 @@ Deviations:
   per-layer order (channels sorted by their calibrated range over all timesteps), so each channel group is a
   set of K-blocks of the int8 GEMM; channel_block = 1 is the paper's per-channel clustering.
 - Statistics are gathered on the full-precision model. Weights: per-output-channel asymmetric min-max (the
-  paper's SDXL setting) or MSE-searched ranges (range_search); AdaRound/BRECQ reconstruction is not done.
+  paper's SDXL setting) or MSE-searched ranges (range_search), rounded to nearest, or with
+  weight_rounding="adaround" by block reconstruction (the paper's SD1.4 recipe, lowbit.quant_core.weight_rounding;
+  activations in full precision while it runs) or "gptq".
 Attention roles come from the SDXL layer names (attn1 = self-attention, attn2 = cross-attention).
 """
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from ..calib.replay import replay
 from ..calib.statistics import observing
 from ..errors import LowBitError
 from ..layouts.int_affine import affine_params
+from ..weight_rounding import RoundingOptions, round_weights
 from .base import Method, register_method
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v")
@@ -49,7 +52,7 @@ MAX_GROUPS = 255
 
 
 @dataclass(frozen=True)
-class DGQConfig:
+class DGQConfig(RoundingOptions):
     weight_bits: int = 8
     act_bits: int = 8
     groups: int = 8             # k-means clusters per quantizer and timestep (the paper uses 8 or 16)
@@ -61,6 +64,7 @@ class DGQConfig:
 
     def __post_init__(self):
         check_bits("DGQ", self.weight_bits, self.act_bits)
+        self.check_rounding("DGQ")
         if not 1 <= self.groups <= MAX_GROUPS:
             raise LowBitError(f"DGQ: groups {self.groups} must be 1..{MAX_GROUPS}")
         if self.channel_block < 1:
@@ -181,5 +185,6 @@ class DGQ(Method):
             result[name] = make_act_layer(module, config.weight_bits, config.range_search, act_in, act_out, softmax)
             if progress:
                 progress(len(by_timestep) + i + 1, total, name)
+        round_weights(unet, layers, result, config, calibration, self.name, progress, resume)
         bind(unet)
         return result

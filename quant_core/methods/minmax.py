@@ -1,6 +1,7 @@
 """Min-max W·A· baseline (Q-Diffusion-style naive PTQ): per-output-channel min-max weights and ONE per-tensor
 min-max range per layer input for all timesteps, from the inputs the full-precision model sees on the
-calibration record's calls. Attention matmuls are not quantized. Timestep-agnostic: the layers need no
+calibration record's calls. Attention matmuls are not quantized. Weights are rounded to nearest unless
+`weight_rounding` asks for gptq / adaround (lowbit.quant_core.weight_rounding). Timestep-agnostic: the layers need no
 timestep, so the UNet needs no binding."""
 from dataclasses import dataclass
 
@@ -9,16 +10,18 @@ from ..actquant.observers import TensorMinMax, recorded_calls
 from ..calib.statistics import observing
 from ..actquant.params import single_range
 from ..calib.replay import replay
+from ..weight_rounding import RoundingOptions, round_weights
 from .base import Method, register_method
 
 
 @dataclass(frozen=True)
-class MinMaxConfig:
+class MinMaxConfig(RoundingOptions):
     weight_bits: int = 8
     act_bits: int = 8
 
     def __post_init__(self):
         check_bits("minmax", self.weight_bits, self.act_bits)
+        self.check_rounding("minmax")
 
 
 @register_method
@@ -41,4 +44,5 @@ class MinMax(Method):
             result[name] = make_act_layer(module, config.weight_bits, False, act_in)
             if progress:
                 progress(i + 1, len(layers), name)
+        round_weights(unet, layers, result, config, calibration, self.name, progress, resume)
         return result

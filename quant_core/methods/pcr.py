@@ -1,9 +1,9 @@
 """PCR — Progressive Calibration and activation Relaxing (after tsa18/PCR).
 
 Quantizers: every selected Linear/Conv2d, weights per output channel asymmetric on the min-max grid, rounded to
-nearest or (`weight_rounding="gptq"`) GPTQ-rounded on that grid against XᵀX of the layer's inputs over the
-recorded full-precision calibration calls (lowbit.quant_core.gptq; AdaRound/BRECQ block reconstruction is not
-done), inputs per tensor asymmetric with one range per sampling step from moving-average min/max observers.
+nearest, or re-rounded on that grid against the recorded full-precision calibration calls: AdaRound block
+reconstruction (`weight_rounding="adaround"`, the seed's setting) or GPTQ (lowbit.quant_core.weight_rounding);
+inputs per tensor asymmetric with one range per sampling step from moving-average min/max observers.
 Attention matmuls stay in full precision.
 
 Calibration needs to sample: `quantize(..., sampler=...)` takes a callable `sampler(unet)` that runs the
@@ -11,12 +11,10 @@ calibration sampling (fixed prompts, seeds, schedule; deterministic) through `un
 re-runs the record's own trajectories, lowbit.quant_core.calib.trajectory). Steps are the distinct timesteps in
 the order the sampler first uses them.
 1. Full-precision pass: per-step observers of every layer input, then weights quantized and every step's
-   range set (with `progressive=False` this is the result: "one-shot"). GPTQ rounding needs each layer's XᵀX:
-   it comes from replaying the calibration record's calls (which must be the sampler's full-precision calls,
-   as `record_unet_calls` around it records them; not checked) for groups of consecutive UNet blocks whose
-   matrices fit in XTX_BUDGET_BYTES, each replay stopping after its group, not from the sampling pass: all of
-   SDXL's matrices at once would be tens of GB, and a resumed run, which skips the sampling pass, gets the
-   same weights. The weights depend on full-precision inputs only, so the steps below never change them.
+   range set (with `progressive=False` this is the result: "one-shot"). GPTQ and AdaRound replay the
+   calibration record's calls (which must be the sampler's full-precision calls, as `record_unet_calls` around
+   it records them; not checked), not the sampling pass, so a resumed run, which skips that pass, gets the same
+   weights. The weights do not depend on the activation ranges, so the steps below never change them.
 2. Progressive: for t = 1 … S, reset step t−1's observers, run the quantized model from noise for t steps
    (steps < t−1 use their recalibrated ranges, step t−1 its current ones while observed) and refit step t−1
    from what it saw, so each step is fit to the latents the quantized trajectory produces. Cost: S(S+1)/2
@@ -33,7 +31,6 @@ At inference every step's range is selected by the nearest calibrated timestep
 """
 import hashlib
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 
@@ -43,20 +40,18 @@ from ..actquant.context import bind
 from ..actquant.layers import check_bits, make_act_layer
 from ..actquant.observers import TensorMinMax
 from ..actquant.params import single_range
-from ..calib.replay import blocks_in_order, replay
-from ..calib.statistics import collect_xtx, observing
+from ..calib.statistics import observing
 from ..errors import LowBitError
 from ..layouts.int_affine import affine_params
 from ..qlayers import matrix_view, set_submodule
+from ..weight_rounding import RoundingOptions, round_weights
 from .base import Method, register_method
 
 RELAX_CHOICES = ("none", "first", "last")
-ROUNDING_CHOICES = ("minmax", "gptq")
-XTX_BUDGET_BYTES = 2 ** 31  # XᵀX held at once for GPTQ rounding; a block above it is replayed alone
 
 
 @dataclass(frozen=True)
-class PCRConfig:
+class PCRConfig(RoundingOptions):
     weight_bits: int = 8
     act_bits: int = 8
     progressive: bool = True
@@ -64,7 +59,6 @@ class PCRConfig:
     relax_fraction: float = 0.2
     relax_bits: int = 10
     averaging_constant: float = 0.01
-    weight_rounding: str = "minmax"  # "minmax": round to nearest; "gptq": error-feedback rounding, same grid
 
     def __post_init__(self):
         check_bits("PCR", self.weight_bits, self.act_bits)
@@ -73,8 +67,7 @@ class PCRConfig:
                               f"2..16 (got {self.relax}, {self.relax_fraction}, {self.relax_bits})")
         if not 0 < self.averaging_constant <= 1:
             raise LowBitError(f"PCR: averaging_constant {self.averaging_constant} must be in (0, 1]")
-        if self.weight_rounding not in ROUNDING_CHOICES:
-            raise LowBitError(f"PCR: weight_rounding must be one of {ROUNDING_CHOICES} (got {self.weight_rounding})")
+        self.check_rounding("PCR")
 
 
 def step_bits(n_steps: int, config: PCRConfig) -> list:
@@ -200,34 +193,6 @@ def _refit_step(unet, quantized, observers, sampler, tracker: _StepTracker, step
         layer.act_in_zero.data[index, 0] = zero
 
 
-def _replay_groups(unet, layers: dict) -> list:
-    """[(last block name, {layer: module})]: consecutive UNet blocks of `layers` merged while their XᵀX matrices
-    (float64 [K, K] per layer) fit in XTX_BUDGET_BYTES, so one replay of the record serves several blocks."""
-    groups, size = [], 0
-    for block_name, block_layers in blocks_in_order(unet, layers).items():
-        block_bytes = sum(8 * math.prod(m.weight.shape[1:]) ** 2 for m in block_layers.values())
-        if groups and size + block_bytes <= XTX_BUDGET_BYTES:
-            groups[-1] = (block_name, {**groups[-1][1], **block_layers})
-            size += block_bytes
-        else:
-            groups.append((block_name, dict(block_layers)))
-            size = block_bytes
-    return groups
-
-
-def _blocks_with_hessians(unet, layers: dict, calibration, gptq: bool):
-    """(layers, {layer: XᵀX of its inputs}) pairs covering `layers`. Round-to-nearest: one pair, no XᵀX. GPTQ: one
-    pair per group of blocks (_replay_groups), its XᵀX from replaying the recorded calibration calls up to the
-    group's last block, produced only when asked for, so only one group's matrices are held. A layer the replay
-    never reaches has no XᵀX (it is rounded to nearest)."""
-    if not gptq:
-        yield layers, {}
-        return
-    for last_block, group in _replay_groups(unet, layers):
-        block = unet.get_submodule(last_block)
-        yield group, collect_xtx(unet, group, lambda: replay(unet, calibration.inputs, stop_after=block))
-
-
 @register_method
 class PCR(Method):
     name = "pcr"
@@ -240,10 +205,9 @@ class PCR(Method):
         if not callable(sampler):
             raise LowBitError("PCR samples during calibration: pass sampler=, a callable sampler(unet) running "
                               "the calibration prompts (deterministic)")
-        gptq = config.weight_rounding == "gptq"
-        if gptq and len(calibration) == 0:  # checked before any sampling
-            raise LowBitError("PCR weight_rounding='gptq' needs the calibration record's recorded UNet calls (XᵀX "
-                              "of every layer's inputs); this record has none")
+        if config.weight_rounding != "nearest" and len(calibration) == 0:  # checked before any sampling
+            raise LowBitError(f"PCR weight_rounding={config.weight_rounding!r} needs the calibration record's "
+                              "recorded UNet calls (every layer's inputs); this record has none")
         fingerprint = _fingerprint(layers, config, settings)
         resumed = _load_state(resume, fingerprint, config.averaging_constant)
         tracker = _StepTracker()
@@ -258,17 +222,17 @@ class PCR(Method):
         bits = step_bits(n_steps, config)
         order = sorted(range(n_steps), key=lambda s: tracker.timesteps[s])  # parameter index -> step
         result = {}
-        # weights from full-precision inputs only: every calibration variant (progressive, relax) gets the same
-        for block_layers, hessians in _blocks_with_hessians(unet, layers, calibration, gptq):
-            for name, module in block_layers.items():
-                steps = observers[name]
-                if all(o.lo is None for o in steps):
-                    continue  # never called while sampling: stays in full precision
-                act_in = single_range([tracker.timesteps[s] for s in order],
-                                      [0.0 if steps[s].lo is None else steps[s].lo for s in order],
-                                      [0.0 if steps[s].hi is None else steps[s].hi for s in order],
-                                      [bits[s] for s in order])
-                result[name] = make_act_layer(module, config.weight_bits, False, act_in, hessian=hessians.get(name))
+        for name, module in layers.items():
+            steps = observers[name]
+            if all(o.lo is None for o in steps):
+                continue  # never called while sampling: stays in full precision
+            act_in = single_range([tracker.timesteps[s] for s in order],
+                                  [0.0 if steps[s].lo is None else steps[s].lo for s in order],
+                                  [0.0 if steps[s].hi is None else steps[s].hi for s in order],
+                                  [bits[s] for s in order])
+            result[name] = make_act_layer(module, config.weight_bits, False, act_in)
+        # from the full-precision model only: every calibration variant (progressive, relax) gets the same weights
+        round_weights(unet, layers, result, config, calibration, self.name, progress, resume)
         total = 1 + (n_steps if config.progressive else 0)
         if progress:
             progress(1 + done, total, "full-precision pass")

@@ -1,0 +1,61 @@
+"""Weight rounding: which code each weight gets on an int_affine grid that is already fixed.
+
+Every int_affine method (rtn, minmax, dgq, pcr) first builds its layers on its own grid (min-max or MSE-searched
+scale and zero point per row or group) with round-to-nearest codes. `round_weights` then chooses the codes again
+against the layers' inputs from the calibration record, leaving grid, file layout and kernels as they are:
+- "nearest": nothing changes (data-free);
+- "gptq": error-feedback rounding against each layer's XᵀX (lowbit.quant_core.weight_rounding.gptq);
+- "adaround": learned rounding on the output of each UNet block, blocks in order (BRECQ-style reconstruction,
+  lowbit.quant_core.weight_rounding.adaround).
+Methods take the choice through `RoundingOptions`, keyword-only fields their configs inherit.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from ..errors import LowBitError
+from .adaround import reconstruct
+from .gptq import gptq_round
+
+ROUNDINGS = ("nearest", "gptq", "adaround")
+RECONSTRUCTION_INPUTS = ("quantized", "fp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundingOptions:
+    """How an int_affine method rounds its weights (module docstring). adaround: `reconstruction_iterations`
+    optimiser steps per block (the seeds use 2 000), block inputs from the model with the earlier blocks already
+    quantized ("quantized", BRECQ's setting) or from the full-precision model ("fp"); targets are always the
+    full-precision block's outputs."""
+    weight_rounding: str = "nearest"
+    reconstruction_iterations: int = 2000
+    reconstruction_inputs: str = "quantized"
+
+    def check_rounding(self, method: str) -> None:
+        if self.weight_rounding not in ROUNDINGS:
+            raise LowBitError(f"{method}: weight_rounding must be one of {ROUNDINGS} (got {self.weight_rounding!r})")
+        if self.reconstruction_iterations < 1:
+            raise LowBitError(f"{method}: reconstruction_iterations {self.reconstruction_iterations} must be >= 1")
+        if self.reconstruction_inputs not in RECONSTRUCTION_INPUTS:
+            raise LowBitError(f"{method}: reconstruction_inputs must be one of {RECONSTRUCTION_INPUTS} "
+                              f"(got {self.reconstruction_inputs!r})")
+
+
+def round_weights(unet: Optional[nn.Module], layers: dict, quantized: dict, options: RoundingOptions, calibration,
+                  method: str, progress=None, resume=None) -> None:
+    """Re-round the codes of `quantized` (name -> int_affine layer built from `layers[name]`, not yet inside
+    `unet`) with `options.weight_rounding`, in place. gptq and adaround replay the calibration record's calls on
+    `unet` (which still holds the full-precision `layers`); adaround saves each finished block in `resume` (a
+    lowbit.quant_core.calib.resume.Checkpoint) and takes finished blocks from it."""
+    if options.weight_rounding == "nearest" or not quantized:
+        return
+    if unet is None or calibration is None or len(calibration) == 0:
+        raise LowBitError(f"{method}: weight_rounding={options.weight_rounding!r} needs the model and a calibration "
+                          "record with recorded UNet calls (the layers' inputs); record calibration first or use "
+                          "weight_rounding='nearest'")
+    layers = {name: layers[name] for name in quantized}
+    if options.weight_rounding == "gptq":
+        gptq_round(unet, layers, quantized, calibration.inputs, progress)
+    else:
+        reconstruct(unet, layers, quantized, calibration.inputs, options, progress, resume)

@@ -1,0 +1,226 @@
+"""AdaRound block reconstruction (Nagel et al., "Up or Down?", arXiv 2004.10568; Li et al., "BRECQ",
+arXiv 2102.05426): learned rounding of int_affine weights on the outputs of UNet blocks.
+
+Each weight w on its fixed grid (scale s, zero point z) is stored as ⌊w/s⌋ + h(V) + z, clamped to the code range,
+with h(V) = clamp(sigmoid(V)·(ζ − γ) + γ, 0, 1) (ζ = 1.1, γ = −0.1) and V initialised so that h(V) = w/s − ⌊w/s⌋
+(the soft weight starts at the full-precision one). Per block, Adam (lr 1e-2) minimises
+  ‖block(x) − fp_block(x_fp)‖² (summed over channels, averaged over the rest)
+  + λ Σ (1 − |2h(V) − 1|^β)          (λ = 0.01, off for the first 20% of the iterations)
+with β annealed linearly from 20 to 2 after that warm-up, which pushes every h(V) to 0 or 1; the final codes
+round up where V ≥ 0. These are the seeds' settings (PCR and DGQ's SD1.4 recipe, via BRECQ) except the step
+size: BRECQ runs 20 000 iterations at 1e-3, the seeds 2 000; at 1e-3, 2 000 steps barely move V across zero
+(a 3-bit Linear on correlated inputs: output error 0.38x nearest's at 1e-3, 0.16x at 1e-2; GPTQ 0.21x).
+
+Blocks ("units") are what the UNet calls as one piece: a ResBlock, a down/upsampler, one transformer block of
+a SpatialTransformer (its proj_in/proj_out are reconstructed alone), and any layer outside those (time and label
+embeddings, conv_in, out) alone, taken in module order. A unit's inputs are captured by replaying the record's
+calls on the UNet up to that unit: with `reconstruction_inputs="quantized"` the earlier units already hold their
+final rounded weights (BRECQ's setting: later blocks learn to absorb earlier errors), with "fp" the UNet is the
+full-precision one; the targets are always the full-precision unit's outputs on full-precision inputs.
+Activations stay in full precision during reconstruction (the seeds' setting).
+
+Simplifications, said here and in README: one recorded call (its whole batch) per iteration instead of batches of
+32 samples drawn across calls; the grid's scales are not learned; activation quantizers are not in the loop.
+A unit is optimised on a float32 copy of itself on the UNet's device. Deterministic for the same inputs: the
+call order comes from a generator seeded by the unit's index. With a `resume` checkpoint every finished unit is
+saved as a part; a resumed run takes the finished units' codes from it and gives identical tensors.
+"""
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from ..calib.replay import replay
+from .grid import Grid, set_codes, stored_codes
+
+ZETA, GAMMA = 1.1, -0.1
+LEARNING_RATE = 1e-2
+ROUNDING_WEIGHT = 0.01
+BETA_START, BETA_END = 20.0, 2.0
+WARMUP = 0.2
+PROGRESS_EVERY = 100  # iterations between progress calls inside a unit (where an interrupt can land)
+
+
+def unit_of(name: str, unet: nn.Module) -> str:
+    """The reconstruction unit (module docstring) of layer `name`."""
+    parts = name.split(".")
+    depth = {"input_blocks": 3, "output_blocks": 3, "middle_block": 2}.get(parts[0])
+    if depth is None or len(parts) <= depth:
+        return name
+    if "transformer_blocks" in parts[depth:-1]:
+        i = parts.index("transformer_blocks", depth)
+        return ".".join(parts[:i + 2])
+    if hasattr(unet.get_submodule(".".join(parts[:depth])), "transformer_blocks"):
+        return name  # a transformer's own projections
+    return ".".join(parts[:depth])
+
+
+def units_in_order(unet: nn.Module, layers: dict) -> dict:
+    """{unit name: {layer name: module}} of `layers`, units in `unet`'s module order."""
+    order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
+    units = {}
+    for name in sorted(layers, key=order.__getitem__):
+        units.setdefault(unit_of(name, unet), {})[name] = layers[name]
+    return dict(sorted(units.items(), key=lambda item: order[item[0]]))
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+class SoftRounding:
+    """One layer's learnable rounding on its grid."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        scaled = grid.weight / grid.scale
+        self.floor = scaled.floor()
+        p = ((scaled - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+        self.v = torch.log(p / (1 - p)).requires_grad_(True)
+
+    def soft_weight(self) -> torch.Tensor:
+        return self.grid.dense((self.floor + rectified_sigmoid(self.v) + self.grid.zero).clamp(0, self.grid.qmax))
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
+
+    def codes(self) -> torch.Tensor:
+        return (self.floor + (self.v >= 0).float() + self.grid.zero).clamp(0, self.grid.qmax)
+
+
+def beta_at(iteration: int, iterations: int) -> float:
+    """The regulariser's exponent: BETA_START until the warm-up ends, then linearly down to BETA_END."""
+    warm = WARMUP * iterations
+    progress = max(0.0, (iteration - warm) / max(iterations - warm, 1))
+    return BETA_END + (BETA_START - BETA_END) * (1 - progress)
+
+
+def reconstruction_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (dim 1 of [B, C, H, W], the last dim of tokens [B, N, C]), averaged
+    over the rest, as BRECQ's block loss."""
+    channels = out.shape[1] if out.dim() == 4 else out.shape[-1]
+    return (out.float() - target.float()).pow(2).mean() * channels
+
+
+class _Stop(Exception):
+    pass
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return dict(value)  # ComfyUI's transformer_options is mutated as the UNet runs on
+    return value
+
+
+def capture(unet: nn.Module, unit: nn.Module, calls: list, outputs: bool) -> list:
+    """[(args, kwargs[, output])] of every call of `unit` while `unet` replays `calls` (cut short after it)."""
+    seen = []
+
+    def before(module, args, kwargs):
+        seen.append([tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}])
+
+    def after(module, args, kwargs, output):
+        if outputs:
+            seen[-1].append(output.detach())
+        raise _Stop
+
+    handles = [unit.register_forward_pre_hook(before, with_kwargs=True),
+               unit.register_forward_hook(after, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            for call in calls:
+                try:
+                    replay(unet, [call])
+                except _Stop:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@contextlib.contextmanager
+def _rounded_weights(layers: dict, quantized: dict):
+    """Each `layers[name]` (a full-precision module) temporarily computes with the weight `quantized[name]`'s
+    codes decode to: the UNet as far as it is quantized, activations in full precision."""
+    saved = {}
+    try:
+        for name, module in layers.items():
+            saved[name] = module.weight.data
+            module.weight.data = Grid.of(module, quantized[name]).dense(stored_codes(quantized[name])).to(
+                module.weight.dtype)
+        yield
+    finally:
+        for name, data in saved.items():
+            layers[name].weight.data = data
+
+
+def _to_float(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, torch.float32) if value.is_floating_point() else value.to(device)
+    return value
+
+
+def optimise_unit(unit: nn.Module, unit_name: str, grids: dict, samples: list, iterations: int,
+                  seed: int, progress=None) -> dict:
+    """{layer: codes} of the unit's layers after AdaRound on `samples` [(args, kwargs, target)]."""
+    device = next(iter(grids.values())).weight.device
+    student = copy.deepcopy(unit).float().requires_grad_(False)
+    soft = {name: SoftRounding(grid) for name, grid in grids.items()}
+    keys = {name: (name[len(unit_name) + 1:] + "." if name != unit_name else "") + "weight" for name in grids}
+    optimiser = torch.optim.Adam([s.v for s in soft.values()], lr=LEARNING_RATE)
+    order = torch.randint(len(samples), (iterations,), generator=torch.Generator().manual_seed(seed)).tolist()
+    with torch.enable_grad():
+        for it, i in enumerate(order):
+            args, kwargs, target = samples[i]
+            out = torch.func.functional_call(
+                student, {keys[name]: s.soft_weight() for name, s in soft.items()},
+                tuple(_to_float(a, device) for a in args), {k: _to_float(v, device) for k, v in kwargs.items()})
+            loss = reconstruction_error(out, target.to(device))
+            if it >= WARMUP * iterations:
+                beta = beta_at(it, iterations)
+                loss = loss + ROUNDING_WEIGHT * sum(s.regulariser(beta) for s in soft.values())
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if progress and (it + 1) % PROGRESS_EVERY == 0:
+                progress(it + 1, iterations)
+    return {name: s.codes() for name, s in soft.items()}
+
+
+def reconstruct(unet: nn.Module, layers: dict, quantized: dict, calls: list, options, progress=None,
+                resume=None) -> None:
+    """AdaRound codes for every layer of `quantized` (name -> int_affine layer of `layers[name]`, the
+    full-precision modules inside `unet`), unit by unit, in place (module docstring)."""
+    units = units_in_order(unet, layers)
+    finished = resume.load() if resume is not None else {}
+    done = {}  # layers of finished units
+    for index, (unit_name, unit_layers) in enumerate(units.items()):
+        unit = unet.get_submodule(unit_name)
+        if all(name in finished for name in unit_layers):
+            for name in unit_layers:
+                set_codes(quantized[name], stored_codes(finished[name]))
+        else:
+            targets = capture(unet, unit, calls, outputs=True)
+            inputs = targets
+            if options.reconstruction_inputs == "quantized" and done:
+                with _rounded_weights(done, quantized):
+                    inputs = capture(unet, unit, calls, outputs=False)
+            samples = [(x[0], x[1], t[2]) for x, t in zip(inputs, targets)]
+            if samples:
+                def unit_progress(it, total, index=index, unit_name=unit_name):
+                    if progress:
+                        progress(index, len(units), f"adaround {unit_name}: iteration {it}/{total}")
+                grids = {name: Grid.of(module, quantized[name]) for name, module in unit_layers.items()}
+                codes = optimise_unit(unit, unit_name, grids, samples, options.reconstruction_iterations,
+                                      seed=index, progress=unit_progress)
+                for name, c in codes.items():
+                    set_codes(quantized[name], c)
+            if resume is not None:
+                resume.save_part({name: quantized[name] for name in unit_layers})
+        done.update(unit_layers)
+        if progress:
+            progress(index + 1, len(units), f"adaround {unit_name}")
