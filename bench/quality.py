@@ -144,20 +144,33 @@ def load_testbed_run(n: int, seed: int, steps: int, cfg: float) -> Testbed:
 
 
 def size_stats(unet) -> dict:
-    """bits_per_weight over the quantized layers' weights (their weight tensors only) and the LowBit file's
-    bytes (everything it would store)."""
+    """bits_per_weight over the quantized layers' weights (their weight tensors only), the same format's
+    bits/weight on SDXL's layer shapes, and the LowBit file's bytes (everything it would store)."""
     from ..quant_core.fileformat import module_summary
-    from ..quant_core.qlayers import QuantizedLayer
-    layers = [m for m in unet.modules() if isinstance(m, QuantizedLayer)]
-    weight_bytes = sum(getattr(m, n).numel() * getattr(m, n).element_size() for m in layers for n in m.tensor_names)
-    weights = sum(math.prod(m.weight_shape) for m in layers)
-    return {"bits_per_weight": round(8 * weight_bytes / weights, 4), "bytes": module_summary(unet)["total_bytes"]}
+    summary = module_summary(unet)
+    return {key: summary[key] for key in ("bits_per_weight", "bits_per_weight_at_sdxl_shapes")} | \
+        {"bytes": summary["total_bytes"]}
 
 
 def quantized_copy(testbed: Testbed, config, calibration):
     from ..quant_core.api import quantize
+    from ..quant_core.methods import method_for_config
     sampler = None if calibration is None else testbed.calibration_sampler(calibration)
-    return quantize(copy.deepcopy(testbed.unet), config, calibration, sampler=sampler)
+    return quantize(copy.deepcopy(testbed.unet), config, calibration, sampler=sampler,
+                    progress=stage_bars(method_for_config(config).name))
+
+
+def stage_bars(desc: str):
+    """A progress callback drawing one tqdm bar per stage (a stage: calls with the same total) on stderr."""
+    from tqdm import tqdm
+    bars = {}
+
+    def update(done, total, what):
+        if total not in bars:
+            bars[total] = tqdm(total=total, desc=desc, file=sys.stderr, mininterval=5, leave=False)
+        bars[total].n = done
+        bars[total].set_postfix_str(what[-48:], refresh=True)
+    return update
 
 
 def save_rows_grid(rows: dict, testbed: Testbed, path) -> None:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import FileFormatError, LowBitError
 from .qlayers import QuantizedLayer, layer_from_header
+from .sdxl_shapes import uniform_bits_at_sdxl_shapes
 
 FORMAT_VERSION = 1
 DENSE_DTYPE = torch.float16  # storage of every tensor that is not quantized
@@ -245,7 +246,8 @@ def summarize(path) -> dict:
     summary = {"format_version": header["format_version"], "arch": header["arch"], "method": header.get("method"),
                "method_config": header.get("method_config"),
                "layouts": sorted({e["layout"] for e in header["layers"].values()}),
-               **size_summary(q_weights, q_bytes, logical_params, sum(sizes.values()), len(header["layers"]))}
+               **size_summary(q_weights, q_bytes, logical_params, sum(sizes.values()), len(header["layers"]),
+                              [(e["layout"], e["params"]) for e in header["layers"].values()])}
     from .actquant.summary import activation_summary  # the activation layers build on this module
     activation = activation_summary(path, header["layers"])
     if activation is not None:
@@ -254,9 +256,11 @@ def summarize(path) -> dict:
 
 
 def size_summary(quantized_params: int, quantized_bytes: int, total_params: int, total_bytes: int,
-                 quantized_layers: int) -> dict:
-    """Bits/weight over quantized weights (every packed tensor counted) and sizes against fp16."""
+                 quantized_layers: int, formats: list) -> dict:
+    """Bits/weight over quantized weights (every packed tensor counted), the same format's bits/weight on SDXL's
+    layer shapes (lowbit.quant_core.sdxl_shapes; None for a mix of formats) and sizes against fp16."""
     return {"bits_per_weight": round(8 * quantized_bytes / quantized_params, 4) if quantized_params else None,
+            "bits_per_weight_at_sdxl_shapes": uniform_bits_at_sdxl_shapes(formats) if formats else None,
             "quantized_layers": quantized_layers, "quantized_params": quantized_params,
             "total_params": total_params, "total_bytes": total_bytes, "fp16_bytes": 2 * total_params}
 
@@ -270,4 +274,5 @@ def module_summary(unet: torch.nn.Module) -> dict:
     dense_params = sum(t.numel() for t in dense)
     dense_bytes = sum(t.numel() * min(t.element_size(), 2) if t.is_floating_point() else t.numel() * t.element_size()
                       for t in dense)  # saved as 16-bit
-    return size_summary(q_params, q_bytes, q_params + dense_params, q_bytes + dense_bytes, len(layers))
+    return size_summary(q_params, q_bytes, q_params + dense_params, q_bytes + dense_bytes, len(layers),
+                        [(m.layout.name, m.params) for m in layers.values()])
