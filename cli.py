@@ -29,16 +29,52 @@ def cmd_info(args):
     print(json.dumps(summarize(args.file), indent=2))
 
 
+def comfy_unet(sd: dict):
+    """The runnable UNet holding the UNet state dict `sd`, built with ComfyUI's own model classes (its detected
+    config; the base config for SDXL-structured UNets it has no preset for, e.g. the testbed) in float32 on the
+    CPU, float16 on CUDA: calibrated quantization from the command line needs ComfyUI importable
+    ($LOWBIT_COMFYUI or `.comfyui`)."""
+    import torch
+    from .testbed.model import import_comfy
+    try:
+        import_comfy()
+    except ImportError as e:
+        raise LowBitError(f"--calib runs the UNet, which needs ComfyUI's model classes ({e}); set LOWBIT_COMFYUI "
+                          "to a ComfyUI checkout or run scripts/setup.sh") from None
+    import comfy.model_detection
+    import comfy.model_management
+    model_config = comfy.model_detection.model_config_from_unet(sd, "", use_base_if_no_match=True)
+    if model_config is None:
+        raise LowBitError("ComfyUI does not recognise this UNet")
+    device = comfy.model_management.get_torch_device()
+    model_config.set_inference_dtype(torch.float16 if device.type == "cuda" else torch.float32, None)
+    unet = model_config.get_model(sd, "").diffusion_model
+    missing, unexpected = unet.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise LowBitError(f"ComfyUI's model for this UNet does not match its tensors (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    return unet.to(device).eval().requires_grad_(False)
+
+
 def cmd_quantize(args):
     import os
+    from .quant_core.calib.record import CalibrationRecord
     from .quant_core.unet_file import quantize_checkpoint
     from .quant_core.fileformat import save
+    from .quant_core.methods import method_for_config
     if os.path.exists(args.output) and not args.overwrite:
         raise LowBitError(f"{args.output} already exists; choose another name or pass --overwrite")
     config = method_config(args)
+    method = method_for_config(config)
+    if args.calib is None and (method.needs_calibration or getattr(config, "weight_rounding", "nearest") != "nearest"):
+        raise LowBitError(f"{args.method} with these options needs calibration data: pass --calib RECORD (a record "
+                          "from LowBitCalibrate, under output/lowbit_calibration)")
+    record = None if args.calib is None else CalibrationRecord.load(args.calib)
     t0 = time.perf_counter()
     tensors, header = quantize_checkpoint(args.input, config, progress=_progress_bar(f"{args.method} quantize"),
-                                         layers=args.layers)
+                                         layers=args.layers, calibration=record, build_unet=comfy_unet,
+                                         calibration_id="" if args.calib is None else os.path.abspath(args.calib),
+                                         resume=args.resume or None)
     save(args.output, tensors, header, overwrite=args.overwrite)
     from .quant_core.fileformat import summarize
     report = summarize(args.output)
@@ -59,6 +95,10 @@ def build_parser():
     add_method_options(q)
     q.add_argument("--layers", default="", help="quantize only the layers whose name matches this regular expression "
                    "(e.g. 'output_blocks\\.[0-2]\\.'); default: all selectable layers")
+    q.add_argument("--calib", default=None, help="calibration record (LowBitCalibrate's .safetensors): needed by dgq, "
+                   "pcr, minmax and gptq/adaround rounding, makes vq Hessian-aware; runs the UNet through ComfyUI's "
+                   "model classes")
+    q.add_argument("--resume", default="", help="checkpoint folder: an interrupted run continues from it")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.set_defaults(func=cmd_quantize)
     try:

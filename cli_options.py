@@ -4,21 +4,33 @@ from .quant_core.errors import LowBitError
 
 def add_method_options(parser) -> None:
     """The options `method_config` reads (shared by `quantize` and the benchmarks)."""
-    parser.add_argument("--method", default="rtn", help="quantization method (rtn, vq)")
-    parser.add_argument("--bits", type=int, default=4, help="weight bits (rtn: 2,3,4,5,6,8)")
+    parser.add_argument("--method", default="rtn", help="quantization method: rtn, vq; with --calib also dgq, pcr, "
+                        "minmax")
+    parser.add_argument("--bits", type=int, default=4, help="weight bits (rtn: 2,3,4,5,6,8; dgq/pcr/minmax: 4 or 8)")
+    parser.add_argument("--act-bits", type=int, default=8, help="dgq/pcr/minmax: activation bits")
     parser.add_argument("--group-size", type=int, default=128, help="rtn: entries per range; 0 = per output channel")
     parser.add_argument("--range-search", action="store_true", help="rtn: MSE-searched ranges instead of min-max")
     parser.add_argument("--config", default="3x8g8",
                         help="vq format: 2x8g8, 3x8g8 or 4x8g8 (codebooks x bits, groups of 8)")
     parser.add_argument("--seed", type=int, default=0, help="vq: seed of the k-means initialisation")
+    parser.add_argument("--weight-rounding", default="nearest", choices=("nearest", "gptq", "adaround"),
+                        help="rtn/dgq/pcr/minmax: codes on the fixed grid; gptq and adaround need --calib")
+    parser.add_argument("--reconstruction-iterations", type=int, default=2000, help="adaround: steps per UNet block")
+    parser.add_argument("--reconstruction-inputs", default="quantized", choices=("quantized", "fp"),
+                        help="adaround: block inputs with earlier blocks quantized, or full precision")
 
 
 def method_config(args):
     """The config the method options (add_method_options) describe."""
     from .quant_core.methods import config_from
+    rounding = {"weight_rounding": args.weight_rounding,
+                "reconstruction_iterations": args.reconstruction_iterations,
+                "reconstruction_inputs": args.reconstruction_inputs}
     if args.method == "rtn":
-        return config_from("rtn", bits=args.bits, group_size=args.group_size, range_search=args.range_search)
+        return config_from("rtn", bits=args.bits, group_size=args.group_size, range_search=args.range_search,
+                           **rounding)
     if args.method == "vq":
         return config_from("vq", format=args.config, seed=args.seed)
-    raise LowBitError(f"method {args.method!r} is not available from this command: it runs the UNet "
-                      "(calibration), which a checkpoint file alone cannot; use the nodes or the library")
+    if args.method in ("dgq", "pcr", "minmax"):
+        return config_from(args.method, weight_bits=args.bits, act_bits=args.act_bits, **rounding)
+    raise LowBitError(f"unknown method {args.method!r}; choose rtn, vq, dgq, pcr or minmax")

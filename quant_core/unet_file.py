@@ -1,4 +1,5 @@
-"""Quantize SDXL UNets straight from checkpoint files (no model code needed for data-free methods)."""
+"""Quantize SDXL UNets straight from checkpoint files (no model code needed for data-free methods; methods that
+run the UNet get it from a `build_unet` callable the caller provides, e.g. the CLI's ComfyUI loader)."""
 import os
 
 import torch
@@ -7,10 +8,10 @@ from torch import nn
 
 from .api import quantize_layers_of
 from .arch import CHECKPOINT_PREFIX, conv_geometry, detect_unet_config, unet_state_dict
-from .errors import FileFormatError
+from .errors import FileFormatError, LowBitError
 from .fileformat import Header, file_tensors, read_safetensors_header
 from .methods import method_for_config
-from .selection import choose_layers, is_selected_name
+from .selection import choose_layers, is_selected_name, select_layers
 
 
 def read_unet_state_dict(path) -> tuple[dict, dict]:
@@ -50,17 +51,28 @@ def layer_modules(sd: dict) -> dict:
     return layers
 
 
-def quantize_checkpoint(path, config, progress=None, layers=None) -> tuple[dict, dict]:
-    """(tensors, header) of the LowBit file for the UNet in `path` (data-free methods); `layers` chooses among
-    the selectable layers as in lowbit.quant_core.api.quantize (None = all, a regular expression, a callable)."""
+def quantize_checkpoint(path, config, progress=None, layers=None, calibration=None, build_unet=None,
+                        **options) -> tuple[dict, dict]:
+    """(tensors, header) of the LowBit file for the UNet in `path`; `layers` chooses among the selectable layers
+    as in lowbit.quant_core.api.quantize (None = all, a regular expression, a callable). Methods that run the
+    UNet (calibrated methods, gptq/adaround rounding) need `calibration` and `build_unet(unet_state_dict)`, which
+    returns the runnable UNet module holding those weights (its module names are the state dict's); `options`
+    go to lowbit.quant_core.api.quantize_layers_of (resume, sampler, calibration_id)."""
     unet_config, sd = read_unet_state_dict(path)
     for key, t in sd.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FileFormatError(f"{os.fspath(path)}: UNet tensor '{key}' holds NaN/inf; the checkpoint is broken")
-    qlayers = quantize_layers_of(None, choose_layers(layer_modules(sd), layers), config, progress=progress)
+    method = method_for_config(config)
+    if method.runs_model(config) and calibration is not None:
+        if build_unet is None:
+            raise LowBitError(f"{method.name} runs the UNet: quantize_checkpoint needs build_unet")
+        unet = build_unet(sd)
+        chosen = choose_layers(select_layers(unet), layers)
+    else:
+        unet, chosen = None, choose_layers(layer_modules(sd), layers)
+    qlayers = quantize_layers_of(unet, chosen, config, calibration, progress=progress, **options)
     dense = {k: t for k, t in sd.items() if k.rsplit(".", 1)[0] not in qlayers}
     tensors, table = file_tensors(qlayers, dense)
-    method = method_for_config(config)
     header = Header(method.name, method.describe(config), unet_config.pop("arch"), unet_config,
                     "v_prediction" if "v_pred" in sd else "eps").to_json(table)
     return tensors, header

@@ -15,7 +15,7 @@ ALLOWED = {
     "testbed": set(),
     "nodes": {"quant_core", "testbed"},
     "bench": {"quant_core", "kernels", "nodes", "testbed", "cli_options"},
-    "cli": {"quant_core", "bench", "cli_options"},
+    "cli": {"quant_core", "bench", "cli_options", "testbed"},
     "cli_options": {"quant_core"},
 }
 

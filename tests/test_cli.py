@@ -100,3 +100,48 @@ def test_unknown_format_version_is_rejected_by_info(tiny_unet_file, tmp_path):
     out.write_bytes(raw[:8] + header + raw[8 + n:])
     r = lowbit("info", out)
     assert r.returncode == 2 and "format version 7" in r.stderr and "update" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def testbed_record(tmp_path_factory):
+    """A calibration record of the trained testbed: 2 prompts, 4 steps of its own sampler (8 UNet calls)."""
+    from lowbit.quant_core.calib.record import record_unet_calls
+    from lowbit.testbed.data import in_domain_prompts
+    from lowbit.testbed.model import load_testbed
+    from lowbit.testbed.sample import sample
+    unet, text_encoder, tokenizer, _ = load_testbed()
+    prompts = in_domain_prompts(2, seed=5)
+    record = record_unet_calls(unet, lambda: sample(unet, text_encoder, tokenizer, prompts, seed=5, steps=4),
+                               {"prompts": prompts, "steps": 4, "seed": 5})
+    return record.save(tmp_path_factory.mktemp("calib") / "testbed_record.safetensors")
+
+
+def test_calibrated_methods_from_the_command_line(testbed_record, tmp_path):
+    """--calib builds the testbed's UNet with ComfyUI's model classes and replays the record: DGQ W8A8 and RTN W4
+    with adaround rounding on the middle block give files whose codes differ from the data-free ones on the same
+    grid, deterministically; without --calib they are refused and nothing is written."""
+    from lowbit.quant_core.fileformat import load
+    from lowbit.testbed.model import TESTBED_WEIGHTS
+    middle = r"middle_block\.0\."
+    plain, rounded, again = (tmp_path / f"{n}.safetensors" for n in ("plain", "rounded", "again"))
+    common = ["--bits", 4, "--group-size", 0, "--layers", middle]
+    assert lowbit("quantize", *common, TESTBED_WEIGHTS, plain).returncode == 0
+    for out in (rounded, again):
+        r = lowbit("quantize", *common, "--weight-rounding", "adaround", "--reconstruction-iterations", 50,
+                   "--calib", testbed_record, TESTBED_WEIGHTS, out)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert rounded.read_bytes() == again.read_bytes()
+    plain_layers, rounded_layers = load(plain).layers, load(rounded).layers
+    assert sorted(plain_layers) == sorted(rounded_layers) and len(plain_layers) == 2  # in_layers.2, out_layers.3
+    for name, layer in rounded_layers.items():
+        assert torch.equal(layer.scale, plain_layers[name].scale)
+    assert any(not torch.equal(layer.qweight, plain_layers[name].qweight) for name, layer in rounded_layers.items())
+    dgq = tmp_path / "dgq.safetensors"
+    r = lowbit("quantize", "--method", "dgq", "--bits", 8, "--layers", middle, "--calib", testbed_record,
+               TESTBED_WEIGHTS, dgq)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(lowbit("info", dgq).stdout)
+    assert info["method"] == "dgq" and info["quantized_layers"] == 2 and info["activation"]
+    refused = tmp_path / "refused.safetensors"
+    r = lowbit("quantize", "--method", "dgq", TESTBED_WEIGHTS, refused)
+    assert r.returncode != 0 and "--calib" in r.stderr and not refused.exists()
