@@ -19,10 +19,12 @@ final rounded weights (BRECQ's setting: later blocks learn to absorb earlier err
 full-precision one; the targets are always the full-precision unit's outputs on full-precision inputs.
 Activations stay in full precision during reconstruction (the seeds' setting).
 
-Simplifications, said here and in README: one recorded call (its whole batch) per iteration instead of batches of
-32 samples drawn across calls; the grid's scales are not learned; activation quantizers are not in the loop.
-A unit is optimised on a float32 copy of itself on the UNet's device. Deterministic for the same inputs: the
-call order comes from a generator seeded by the unit's index. With a `resume` checkpoint every finished unit is
+Each iteration takes one recorded call and at most BATCH (32, BRECQ's batch) of its samples: every tensor argument
+whose first dimension is the call's batch is indexed alike (ComfyUI's per-call options are not per sample).
+Simplifications, said here and in README: the samples of an iteration come from one call, not from across calls;
+the grid's scales are not learned; activation quantizers are not in the loop. A unit is optimised on a float32
+copy of itself on the UNet's device. Deterministic for the same inputs: calls and samples come from a generator
+seeded by the unit's index. With a `resume` checkpoint every finished unit is
 saved as a part; a resumed run takes the finished units' codes from it and gives identical tensors.
 """
 import contextlib
@@ -39,6 +41,7 @@ LEARNING_RATE = 1e-2
 ROUNDING_WEIGHT = 0.01
 BETA_START, BETA_END = 20.0, 2.0
 WARMUP = 0.2
+BATCH = 32
 PROGRESS_EVERY = 100  # iterations between progress calls inside a unit (where an interrupt can land)
 
 
@@ -158,10 +161,13 @@ def _rounded_weights(layers: dict, quantized: dict):
             layers[name].weight.data = data
 
 
-def _to_float(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device, torch.float32) if value.is_floating_point() else value.to(device)
-    return value
+def _to_float(value, device, rows, batch):
+    """`value` on `device` (floating tensors as float32), its `rows` taken when its first dimension is `batch`."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if rows is not None and value.dim() and value.shape[0] == batch:
+        value = value[rows.to(value.device)]
+    return value.to(device, torch.float32) if value.is_floating_point() else value.to(device)
 
 
 def optimise_unit(unit: nn.Module, unit_name: str, grids: dict, samples: list, iterations: int,
@@ -172,14 +178,17 @@ def optimise_unit(unit: nn.Module, unit_name: str, grids: dict, samples: list, i
     soft = {name: SoftRounding(grid) for name, grid in grids.items()}
     keys = {name: (name[len(unit_name) + 1:] + "." if name != unit_name else "") + "weight" for name in grids}
     optimiser = torch.optim.Adam([s.v for s in soft.values()], lr=LEARNING_RATE)
-    order = torch.randint(len(samples), (iterations,), generator=torch.Generator().manual_seed(seed)).tolist()
+    generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
-        for it, i in enumerate(order):
-            args, kwargs, target = samples[i]
+        for it in range(iterations):
+            args, kwargs, target = samples[int(torch.randint(len(samples), (1,), generator=generator))]
+            batch = target.shape[0]
+            rows = torch.randperm(batch, generator=generator)[:BATCH].sort().values if batch > BATCH else None
             out = torch.func.functional_call(
                 student, {keys[name]: s.soft_weight() for name, s in soft.items()},
-                tuple(_to_float(a, device) for a in args), {k: _to_float(v, device) for k, v in kwargs.items()})
-            loss = reconstruction_error(out, target.to(device))
+                tuple(_to_float(a, device, rows, batch) for a in args),
+                {k: _to_float(v, device, rows, batch) for k, v in kwargs.items()})
+            loss = reconstruction_error(out, _to_float(target, device, rows, batch))
             if it >= WARMUP * iterations:
                 beta = beta_at(it, iterations)
                 loss = loss + ROUNDING_WEIGHT * sum(s.regulariser(beta) for s in soft.values())
