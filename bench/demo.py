@@ -37,22 +37,25 @@ def quality_table(report: dict) -> str:
         psnr = "/".join("fp" if method == "fp" else _fmt(s.get("psnr"), ".1f") for s in split)
         frechet = "/".join(_fmt(s.get("frechet"), ".1f") for s in split)
         align = "/".join(_fmt(s.get("alignment"), ".3f") for s in split)
-        lines.append(f"{method:<10} {_fmt(r.get('bits_per_weight'), '.2f'):>7} "
+        label = f"{method}*" if r.get("fast") else method
+        lines.append(f"{label:<10} {_fmt(r.get('bits_per_weight'), '.2f'):>7} "
                      f"{_fmt(r.get('bits_per_weight_at_sdxl_shapes'), '.2f'):>6} {r['bytes'] / 1e6:>6.2f} "
                      f"{psnr:>16} {frechet:>16} {align:>14} {_fmt(r.get('seconds'), '.1f'):>7}")
     for method, reason in (report.get("skipped") or {}).items():
         lines.append(f"{method:<10} skipped: {reason}")
     lines.append("bits/w: what the file stores per quantized weight on the testbed's small layers; @SDXL: the same "
                  "format on SDXL's layer shapes")
+    if any(r.get("fast") for r in report["results"].values()):
+        lines.append("*: --fast, a shortened VQ search (one beam round, XᵀX from every 4th calibration sample)")
     return "\n".join(lines)
 
 
 def testbed_demo(args) -> None:
     t0 = time.perf_counter()
-    out = Path(args.out) if args.out else OUT_DIR / f"quality_{args.bits.upper()}_seed{args.seed}.json"
+    out = Path(args.out) if args.out else OUT_DIR / f"quality_{args.bits.upper()}_seed{args.seed}_fast.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "lowbit", "bench", "quality", "--methods", args.methods, "--bits", args.bits,
-           "--seed", str(args.seed), "--out", str(out)]
+           "--seed", str(args.seed), "--fast", "--out", str(out)]
     print(f"[demo] testbed (testbed/weights/testbed.safetensors): {' '.join(cmd[1:])}", flush=True)
     # progress lines of the benchmark (stderr) pass through; its JSON (stdout) is also written to `out`
     # (run from the folder holding the pack when it is named `lowbit`, as in custom_nodes/lowbit)

@@ -6,9 +6,10 @@ CFG as the full-precision model. Per method and split: PSNR to the fp samples, F
 classifier features of its samples and of the fp samples ("FID to FP"), and the prompt alignment score; per
 method the weight bits (stored weight tensors only, over the quantized layers' weights), the bytes of the
 LowBit file it makes (16-bit rest of the UNet and calibrated activation tables included) and its wall time.
-Weight-only methods (rtn, vq) run at the weight width (rtn: its default groups of 128; vq: the format with
-the nearest bits, with a shortened codebook search and XᵀX from every 4th sample of the calibration calls, to
-fit the CPU budget of 5 minutes for all five methods); activation methods (minmax, dgq,
+Weight-only methods (rtn, vq) run at the weight width (rtn: groups of `--rtn-group-size`, 128 by default; vq:
+the format with the nearest bits and the options node's defaults, or with `--fast` a shortened codebook search
+and XᵀX from every 4th sample of the calibration calls, to fit the demo's CPU budget of 5 minutes for all five
+methods; rows made with it say so in their note and carry "fast": true); activation methods (minmax, dgq,
 pcr, and `dgq_fp_attention`: DGQ with the attention matmuls in full precision, like minmax and pcr) need an
 A·; a method that does not apply is skipped with the reason.
 Calibration: the fp model samples `--calib-prompts` in-domain prompts (another seed than the test prompts);
@@ -41,7 +42,8 @@ GRID_PER_SPLIT = 4
 ROUNDED_METHODS = ("rtn", "minmax", "dgq", "dgq_fp_attention", "pcr")  # int_affine: take --weight-rounding
 
 
-def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None, rtn_group_size: int = 128):
+def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None, rtn_group_size: int = 128,
+                  fast: bool = False):
     """(config, note) of `method` at the setting; config None when the method does not apply. `rounding`: the
     RoundingOptions fields for the int_affine methods (lowbit.quant_core.weight_rounding)."""
     from ..quant_core.methods import config_from
@@ -51,10 +53,13 @@ def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None
             None if act_bits is None else f"weight-only: runs at W{weight_bits}"
     if method == "vq":
         codebooks = min((2, 3, 4), key=lambda m: abs(m - weight_bits))  # m codebooks: m code bits per weight
-        # shortened search (one beam round) to fit the bench's CPU budget; the format is the full one
+        if not fast:
+            return config_from("vq", num_codebooks=codebooks), \
+                f"weight-only, nearest format {codebooks}x8g8, the options node's defaults"
+        # --fast: shortened search (one beam round) to fit the demo's CPU budget; the format is the full one
         return config_from("vq", num_codebooks=codebooks, **VQ_BENCH_EFFORT), \
-            f"weight-only, nearest format {codebooks}x8g8, shortened search {VQ_BENCH_EFFORT}, XᵀX from every " \
-            f"{VQ_SAMPLE_STRIDE}th calibration sample"
+            f"weight-only, nearest format {codebooks}x8g8, FAST: shortened search {VQ_BENCH_EFFORT}, XᵀX from " \
+            f"every {VQ_SAMPLE_STRIDE}th calibration sample"
     if act_bits is None:
         return None, f"{method} quantizes activations: give W{weight_bits}A<bits>"
     if method == "dgq_fp_attention":
@@ -227,6 +232,8 @@ def add_arguments(p):
     p.add_argument("--methods", default=",".join(METHOD_NAMES),
                    help="comma-separated: " + ", ".join(METHOD_NAMES + EXTRA_METHODS))
     p.add_argument("--rtn-group-size", type=int, default=128, help="rtn: weights per range, 0 = per channel")
+    p.add_argument("--fast", action="store_true", help="vq: shortened codebook search and XᵀX from every 4th "
+                   "calibration sample (the demo's budget); rows say so")
     add_common_arguments(p)
 
 
@@ -237,7 +244,9 @@ def run(args):
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHOD_NAMES + EXTRA_METHODS)}")
     group = "" if args.rtn_group_size == 128 else f"_g{args.rtn_group_size}"
-    path, grid = output_paths(args.out, f"quality_{args.bits.upper()}_seed{args.seed}{group}{rounding_suffix(args)}")
+    fast = "_fast" if args.fast and "vq" in methods else ""
+    path, grid = output_paths(args.out, f"quality_{args.bits.upper()}_seed{args.seed}{group}{rounding_suffix(args)}"
+                                        f"{fast}")
     start = time.perf_counter()
     testbed = load_testbed_run(args.n, args.seed, args.steps, args.cfg)
     reference = testbed.samples(testbed.unet)
@@ -248,7 +257,7 @@ def run(args):
     for method in methods:
         config, note = method_config(method, weight_bits, act_bits,
                                      rounding_options(args) if method in ROUNDED_METHODS else None,
-                                     args.rtn_group_size)
+                                     args.rtn_group_size, args.fast)
         if config is None:
             skipped[method] = note
             print(f"skipping {method}: {note}", file=sys.stderr)
@@ -259,12 +268,15 @@ def run(args):
         if calibration is None:
             calibration = testbed.calibration(args.calib_prompts)
         unet = quantized_copy(testbed, config,
-                              every_nth_sample(calibration, VQ_SAMPLE_STRIDE) if method == "vq" else calibration)
+                              every_nth_sample(calibration, VQ_SAMPLE_STRIDE) if method == "vq" and args.fast
+                              else calibration)
         rows[method] = testbed.samples(unet)
         from ..quant_core.methods import method_for_config
         results[method] = {"config": method_for_config(config).describe(config), **size_stats(unet),
                            **testbed.metrics(rows[method], reference), "seconds": round(time.perf_counter() - t0, 1)}
         if note:
             results[method]["note"] = note
+        if method == "vq" and args.fast:
+            results[method]["fast"] = True
         print(f"{method}: {json.dumps({s: results[method][s] for s in SPLITS})}", file=sys.stderr, flush=True)
     write_report("quality", args, {"results": results, "skipped": skipped}, start, rows, testbed, grid, path)
