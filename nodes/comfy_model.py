@@ -24,6 +24,7 @@ from ..quant_core.errors import LowBitError, UnsupportedModelError
 from ..quant_core.fileformat import DENSE_DTYPE, Header
 from ..quant_core.qlayers import QuantizedLayer, set_submodule
 from ..quant_core.selection import select_layers
+from ..testbed.model import TESTBED_MODEL_CLASS, testbed_model_config
 
 LOWBIT_ATTR = "lowbit_info"  # set on the BaseModel: its fileformat.Header
 
@@ -54,8 +55,10 @@ def logical_state_dict(layers: dict, dense: dict) -> dict:
 def build_model(layers: dict, dense: dict, lowbit_info: Header, model_config=None):
     """ModelPatcher of an SDXL-family model made of LowBit `layers` and `dense` tensors."""
     logical = logical_state_dict(layers, dense)
+    if model_config is None and lowbit_info.model_class == TESTBED_MODEL_CLASS:
+        model_config = testbed_model_config()  # its own conditioning (pooled text + size vector), latents, schedule
     if model_config is None:
-        # SDXL-architecture UNets of other widths (tests, the testbed) get ComfyUI's generic config
+        # SDXL-architecture UNets of other widths (tests) get ComfyUI's generic config
         model_config = comfy.model_detection.model_config_from_unet(logical, "", use_base_if_no_match=True)
         if model_config is None or (lowbit_info.arch == "sdxl"
                                     and type(model_config).__name__ not in ("SDXL", "SSD1B", "Segmind_Vega")):

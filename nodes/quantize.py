@@ -12,6 +12,7 @@ from ..quant_core.fileformat import Header
 from ..quant_core.layouts.int_affine import SUPPORTED_BITS
 from ..quant_core.methods import config_from, get_method
 from ..quant_core.selection import choose_layers, select_layers
+from ..testbed.model import TESTBED_MODEL_CLASS, is_testbed_model
 from .comfy_model import UNetSource, build_model
 from .options import QuantOptions
 from .progress import comfy_progress
@@ -105,7 +106,8 @@ class LowBitQuantizeUNet(io.ComfyNode):
                                      calibration_id=calibration.path if record is not None else "")
         logging.info(f"LowBit: quantized in {time.perf_counter() - t0:.1f} s")
         unet_config = dict(source.unet_config)
-        info = Header(method, described, unet_config.pop("arch"), unet_config)
+        info = Header(method, described, unet_config.pop("arch"), unet_config,
+                      model_class=TESTBED_MODEL_CLASS if is_testbed_model(model.model) else None)
         out = build_model(qlayers, source.dense(qlayers), info,
                           model_config=model.model.model_config)
         out.model_options = model.clone().model_options  # keep the MODEL's sampler/attention patches

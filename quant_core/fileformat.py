@@ -174,6 +174,7 @@ class Header:
     arch: str = "sdxl"
     unet_config: dict = field(default_factory=dict)
     model_type: Optional[str] = None  # "eps" / "v_prediction" where the source says (checkpoint files)
+    model_class: Optional[str] = None  # the host model a loader must rebuild when not SDXL's ("lowbit-testbed")
 
     def to_json(self, layer_table: dict) -> dict:
         """The file's JSON header with this information and the layer table."""
@@ -183,13 +184,15 @@ class Header:
                   "writer": f"lowbit {__version__}"}
         if self.model_type is not None:
             header["model_type"] = self.model_type
+        if self.model_class is not None:
+            header["model_class"] = self.model_class
         return header
 
     @classmethod
     def of(cls, header: dict) -> "Header":
         """The Header of a file's validated JSON header (read_header)."""
         return cls(header.get("method"), header.get("method_config") or {}, header["arch"],
-                   header.get("unet_config") or {}, header.get("model_type"))
+                   header.get("unet_config") or {}, header.get("model_type"), header.get("model_class"))
 
 
 def atomic_write(path, write: Callable[[str], None], overwrite: bool = False) -> str:

@@ -283,6 +283,20 @@ def _comfy_classes():
 _COMFY_CLASSES = None
 
 
+TESTBED_MODEL_CLASS = "lowbit-testbed"  # a LowBit file header's model_class for testbed UNets
+
+
+def is_testbed_model(model) -> bool:
+    """Whether a ComfyUI BaseModel is the testbed's (its files must be rebuilt with testbed_model_config)."""
+    return isinstance(model, _comfy_classes()["TestbedComfyModel"])
+
+
+def testbed_model_config(path=TESTBED_WEIGHTS):
+    """ComfyUI model config of the testbed (its conditioning, latent format and schedule), UNet kwargs from the
+    shipped weights' metadata."""
+    return _comfy_classes()["TestbedModelConfig"](json.loads(read_metadata(path)["unet"]))
+
+
 def comfy_testbed_objects(path=TESTBED_WEIGHTS, dtype=torch.float32):
     """(MODEL, CLIP, VAE) for the stock nodes: CLIPTextEncode -> KSampler (EmptyLatentImage 32x32) -> VAEDecode.
 
@@ -296,10 +310,10 @@ def comfy_testbed_objects(path=TESTBED_WEIGHTS, dtype=torch.float32):
     mm = comfy.model_management
     classes = _comfy_classes()
     meta = read_metadata(path)
-    unet_cfg, text_cfg = json.loads(meta["unet"]), json.loads(meta["text_encoder"])
+    text_cfg = json.loads(meta["text_encoder"])
     unet_sd, text_sd = split_state_dict(load_file(str(path)))
 
-    model_config = classes["TestbedModelConfig"](unet_cfg)
+    model_config = testbed_model_config(path)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}).to(mm.unet_offload_device())
     model.diffusion_model.load_state_dict(unet_sd)

@@ -104,12 +104,45 @@ def test_method_needs_calibration_and_matching_options(testbed):
     model, calib = testbed
     with pytest.raises(LowBitError, match="needs calibration data"):
         LowBitQuantizeUNet.execute(model, "dgq", 8, 0)
-    dgq = LowBitDGQOptions.execute("W8A8", "8", False, True, "").result[0]
+    dgq = LowBitDGQOptions.execute("W8A8", "8", False, True, "nearest", 2000, "quantized", "").result[0]
     with pytest.raises(LowBitError, match="options are for dgq but method is pcr"):
         LowBitQuantizeUNet.execute(model, "pcr", 8, 0, calib, dgq)
-    bad = LowBitDGQOptions.execute("W8A8", "8", False, True, "no_such_layer").result[0]
+    bad = LowBitDGQOptions.execute("W8A8", "8", False, True, "nearest", 2000, "quantized", "no_such_layer").result[0]
     with pytest.raises(LowBitError, match="matches none"):
         LowBitQuantizeUNet.execute(model, "dgq", 8, 0, calib, bad)
+
+
+def test_saved_testbed_file_loads_as_the_testbed_and_samples(testbed, probe):
+    """A quantized testbed MODEL saved and loaded back through the loader node is the testbed's ComfyUI model again
+    (its pooled-text + size conditioning `y`, latent format and schedule come from the header's model_class):
+    its UNet computes the in-memory one's output bit for bit and the stock KSampler samples the same latent."""
+    import os
+
+    import folder_paths
+    from helpers.comfy_env import comfy_nodes
+    from lowbit.nodes.load import LowBitLoadQuantizedUNet
+    from lowbit.nodes.options import LowBitDGQOptions
+    from lowbit.nodes.quantize import LowBitQuantizeUNet
+    from lowbit.nodes.save import LowBitSaveQuantizedUNet
+    from lowbit.testbed.model import comfy_testbed_objects, is_testbed_model
+    model, calib = testbed
+    options = LowBitDGQOptions.execute("W8A8", "8", False, True, "nearest", 2000, "quantized",
+                                       r"middle_block\.").result[0]
+    quantized = LowBitQuantizeUNet.execute(model, "dgq", 8, 0, calib, options).result[0]
+    saved = LowBitSaveQuantizedUNet.execute(quantized, "graph/testbed_dgq").result[0]
+    folder_paths.add_model_folder_path("diffusion_models", os.path.join(folder_paths.get_output_directory(),
+                                                                        "diffusion_models"))
+    loaded = LowBitLoadQuantizedUNet.execute(saved.split("diffusion_models/", 1)[1]).result[0]
+    assert is_testbed_model(loaded.model)
+    assert torch.equal(_out(loaded, probe), _out(quantized, probe))
+    _, clip, _ = comfy_testbed_objects()
+    nodes = comfy_nodes()
+    positive = nodes.CLIPTextEncode().encode(clip, "a red circle top left on blue")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = nodes.EmptyLatentImage().generate(32, 32, 1)[0]
+    samples = [nodes.common_ksampler(m, 3, 2, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+               for m in (quantized, loaded)]
+    assert torch.isfinite(samples[0]).all() and torch.equal(samples[0], samples[1])
 
 
 def test_interrupted_quantization_resumes_to_the_same_result(testbed, monkeypatch):
