@@ -149,12 +149,18 @@ def load_testbed_run(n: int, seed: int, steps: int, cfg: float) -> Testbed:
 
 
 def size_stats(unet) -> dict:
-    """bits_per_weight over the quantized layers' weights (their weight tensors only), the same format's
-    bits/weight on SDXL's layer shapes, and the LowBit file's bytes (everything it would store)."""
+    """bits_per_weight over the quantized layers' weights (their weight tensors only, not activation tables), the
+    same format's bits/weight on SDXL's layer shapes, and the LowBit file's bytes (everything it would store)."""
     from ..quant_core.fileformat import module_summary
-    summary = module_summary(unet)
-    return {key: summary[key] for key in ("bits_per_weight", "bits_per_weight_at_sdxl_shapes")} | \
-        {"bytes": summary["total_bytes"]}
+    from ..quant_core.qlayers import QuantizedLayer
+    from ..quant_core.sdxl_shapes import uniform_bits_at_sdxl_shapes
+    layers = [m for m in unet.modules() if isinstance(m, QuantizedLayer)]
+    weight_bytes = sum(getattr(m, n).numel() * getattr(m, n).element_size() for m in layers for n in m.tensor_names)
+    weights = sum(math.prod(m.weight_shape) for m in layers)
+    return {"bits_per_weight": round(8 * weight_bytes / weights, 4),
+            "bits_per_weight_at_sdxl_shapes": uniform_bits_at_sdxl_shapes([(m.layout.name, m.params)
+                                                                           for m in layers]),
+            "bytes": module_summary(unet)["total_bytes"]}
 
 
 def quantized_copy(testbed: Testbed, config, calibration):
