@@ -203,7 +203,7 @@ def test_stock_lora_on_an_activation_quantized_model(testbed, probe, monkeypatch
     from lowbit.quant_core import ops
     from lowbit.quant_core.actquant.layers import ActQuantMixin, execution
     model, calib = testbed
-    options = LowBitDGQOptions.execute("W4A8", "8", False, True, "").result[0]
+    options = LowBitDGQOptions.execute("W4A8", "8", False, True, "nearest", 2000, "quantized", "").result[0]
     quantized = LowBitQuantizeUNet.execute(model, "dgq", 4, 0, calib, options).result[0]
     unet = quantized.model.diffusion_model
     act_layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, ActQuantMixin)]
