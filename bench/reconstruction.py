@@ -99,7 +99,7 @@ def time_unit(unet, name, layers, spec, args) -> dict:
     unit.eval().requires_grad_(False)
     local = {layer[len(name) + 1:] if layer != name else "": module for layer, module in layers.items()}
     modules = {f"unit.{rel}" if rel else "unit": unit.get_submodule(rel) if rel else unit for rel in local}
-    quantized = RTN()._nearest(modules, RTNConfig(bits=4, group_size=0))
+    quantized = RTN().quantize_layers(modules, RTNConfig(bits=4, group_size=0))
     grids = {key: Grid.of(module, quantized[key]) for key, module in modules.items()}
     samples = []
     with torch.no_grad():

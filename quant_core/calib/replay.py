@@ -1,5 +1,5 @@
 """Running a UNet on recorded calls: whole, or cut short after a block; blocks in execution order."""
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -15,12 +15,13 @@ def block_of(name: str) -> str:
     return name
 
 
-def blocks_in_order(unet: nn.Module, layers: dict) -> dict:
-    """{block name: {layer name: module}} of `layers` grouped by block_of, blocks in `unet`'s module order."""
+def blocks_in_order(unet: nn.Module, layers: dict, group: Callable[[str], str] = block_of) -> dict:
+    """{block name: {layer name: module}} of `layers` grouped by `group` (a layer name -> the name of the module
+    it belongs to; default block_of), blocks in `unet`'s module order."""
     order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
     blocks = {}
     for name in sorted(layers, key=order.__getitem__):
-        blocks.setdefault(block_of(name), {})[name] = layers[name]
+        blocks.setdefault(group(name), {})[name] = layers[name]
     return blocks
 
 

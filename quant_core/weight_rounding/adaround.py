@@ -33,7 +33,7 @@ import copy
 import torch
 from torch import nn
 
-from ..calib.replay import replay
+from ..calib.replay import blocks_in_order, replay
 from .grid import Grid, set_codes, stored_codes
 
 ZETA, GAMMA = 1.1, -0.1
@@ -61,11 +61,7 @@ def unit_of(name: str, unet: nn.Module) -> str:
 
 def units_in_order(unet: nn.Module, layers: dict) -> dict:
     """{unit name: {layer name: module}} of `layers`, units in `unet`'s module order."""
-    order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
-    units = {}
-    for name in sorted(layers, key=order.__getitem__):
-        units.setdefault(unit_of(name, unet), {})[name] = layers[name]
-    return dict(sorted(units.items(), key=lambda item: order[item[0]]))
+    return blocks_in_order(unet, layers, lambda name: unit_of(name, unet))
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -106,10 +102,6 @@ def reconstruction_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return (out.float() - target.float()).pow(2).mean() * channels
 
 
-class _Stop(Exception):
-    pass
-
-
 def _detached(value):
     if isinstance(value, torch.Tensor):
         return value.detach()
@@ -125,20 +117,13 @@ def capture(unet: nn.Module, unit: nn.Module, calls: list, outputs: bool) -> lis
     def before(module, args, kwargs):
         seen.append([tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}])
 
-    def after(module, args, kwargs, output):
+    def after(module, args, output):
         if outputs:
             seen[-1].append(output.detach())
-        raise _Stop
 
-    handles = [unit.register_forward_pre_hook(before, with_kwargs=True),
-               unit.register_forward_hook(after, with_kwargs=True)]
+    handles = [unit.register_forward_pre_hook(before, with_kwargs=True), unit.register_forward_hook(after)]
     try:
-        with torch.no_grad():
-            for call in calls:
-                try:
-                    replay(unet, [call])
-                except _Stop:
-                    pass
+        replay(unet, calls, stop_after=unit)  # its stop hook is registered after ours, so runs after it
     finally:
         for handle in handles:
             handle.remove()
