@@ -12,7 +12,12 @@ def add_method_options(parser) -> None:
     parser.add_argument("--range-search", action="store_true", help="rtn: MSE-searched ranges instead of min-max")
     parser.add_argument("--config", default="3x8g8",
                         help="vq format: 2x8g8, 3x8g8 or 4x8g8 (codebooks x bits, groups of 8)")
-    parser.add_argument("--seed", type=int, default=0, help="vq: seed of the k-means initialisation")
+    parser.add_argument("--seed", type=int, default=0, help="vq: seed of the k-means initialisation and of the "
+                        "distillation's fresh noise")
+    parser.add_argument("--distill-epochs", type=int, default=4, help="vq with --calib: distillation passes over the "
+                        "record's prompts against the fp UNet (0 = off)")
+    parser.add_argument("--fast", action="store_true", help="vq: no distillation and a shortened code search "
+                        "(minutes instead of hours, lower quality)")
     parser.add_argument("--weight-rounding", default="nearest", choices=("nearest", "gptq", "adaround"),
                         help="rtn/dgq/pcr/minmax: codes on the fixed grid; gptq and adaround need --calib")
     parser.add_argument("--reconstruction-iterations", type=int, default=2000, help="adaround: steps per UNet block")
@@ -30,7 +35,9 @@ def method_config(args):
         return config_from("rtn", bits=args.bits, group_size=args.group_size, range_search=args.range_search,
                            **rounding)
     if args.method == "vq":
-        return config_from("vq", format=args.config, seed=args.seed)
+        from .quant_core.methods.vq import FAST
+        return config_from("vq", format=args.config, seed=args.seed, distill_epochs=args.distill_epochs,
+                           **(FAST if args.fast else {}))
     if args.method in ("dgq", "pcr", "minmax"):
         return config_from(args.method, weight_bits=args.bits, act_bits=args.act_bits, **rounding)
     raise LowBitError(f"unknown method {args.method!r}; choose rtn, vq, dgq, pcr or minmax")

@@ -46,7 +46,8 @@ def quality_table(report: dict) -> str:
     lines.append("bits/w: what the file stores per quantized weight on the testbed's small layers; @SDXL: the same "
                  "format on SDXL's layer shapes")
     if any(r.get("fast") for r in report["results"].values()):
-        lines.append("*: --fast, a shortened VQ search (one beam round, XᵀX from every 4th calibration sample)")
+        lines.append("*: --fast, VQ without distillation and a shortened search (one beam round, XᵀX from every 4th "
+                     "calibration sample)")
     return "\n".join(lines)
 
 

@@ -7,8 +7,9 @@ classifier features of its samples and of the fp samples ("FID to FP"), and the 
 method the weight bits (stored weight tensors only, over the quantized layers' weights), the bytes of the
 LowBit file it makes (16-bit rest of the UNet and calibrated activation tables included) and its wall time.
 Weight-only methods (rtn, vq) run at the weight width (rtn: groups of `--rtn-group-size`, 128 by default; vq:
-the format with the nearest bits and the options node's defaults, or with `--fast` a shortened codebook search
-and XᵀX from every 4th sample of the calibration calls, to fit the demo's CPU budget of 5 minutes for all five
+the format with the nearest bits and the options node's defaults, distillation included, or with `--fast` the
+node's fast switch (no distillation, shortened codebook search) and XᵀX from every 4th sample of the calibration
+calls, to fit the demo's CPU budget of 5 minutes for all five
 methods; rows made with it say so in their note and carry "fast": true); activation methods (minmax, dgq,
 pcr, and `dgq_fp_attention`: DGQ with the attention matmuls in full precision, like minmax and pcr) need an
 A·; a method that does not apply is skipped with the reason.
@@ -33,7 +34,6 @@ METHOD_NAMES = ("rtn", "minmax", "vq", "dgq", "pcr")
 # also accepted by --methods: DGQ with the attention matmuls (Q/K/V, softmax) left in full precision, the
 # like-for-like comparison with minmax and pcr, which quantize Linear/Conv2d inputs only
 EXTRA_METHODS = ("dgq_fp_attention",)
-VQ_BENCH_EFFORT = {"max_rounds": 1, "beam_size": 4, "kmeans_iters": 10, "refit_iters": 10}
 VQ_SAMPLE_STRIDE = 4  # VQ's XᵀX from every 4th batch item of each calibration call (cond and uncond alike)
 SPLITS = ("in_domain", "held_out")
 GRID_PER_SPLIT = 4
@@ -52,14 +52,15 @@ def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None
         return config_from("rtn", bits=weight_bits, group_size=rtn_group_size, **rounding), \
             None if act_bits is None else f"weight-only: runs at W{weight_bits}"
     if method == "vq":
+        from ..quant_core.methods.vq import FAST
         codebooks = min((2, 3, 4), key=lambda m: abs(m - weight_bits))  # m codebooks: m code bits per weight
         if not fast:
             return config_from("vq", num_codebooks=codebooks), \
-                f"weight-only, nearest format {codebooks}x8g8, the options node's defaults"
-        # --fast: shortened search (one beam round) to fit the demo's CPU budget; the format is the full one
-        return config_from("vq", num_codebooks=codebooks, **VQ_BENCH_EFFORT), \
-            f"weight-only, nearest format {codebooks}x8g8, FAST: shortened search {VQ_BENCH_EFFORT}, XᵀX from " \
-            f"every {VQ_SAMPLE_STRIDE}th calibration sample"
+                f"weight-only, nearest format {codebooks}x8g8, the options node's defaults (with distillation)"
+        # --fast: the options node's fast switch (no distillation, one beam round) to fit the demo's CPU budget
+        return config_from("vq", num_codebooks=codebooks, **FAST), \
+            f"weight-only, nearest format {codebooks}x8g8, FAST: no distillation, shortened search {FAST}, XᵀX " \
+            f"from every {VQ_SAMPLE_STRIDE}th calibration sample"
     if act_bits is None:
         return None, f"{method} quantizes activations: give W{weight_bits}A<bits>"
     if method == "dgq_fp_attention":
@@ -104,8 +105,12 @@ class Testbed:
         from ..quant_core.calib.record import record_unet_calls
         from ..testbed.data import in_domain_prompts
         prompts = in_domain_prompts(n_prompts, self.seed + 1000)
-        return record_unet_calls(self.unet, lambda: self.sample(self.unet, prompts, self.seed + 1000),
-                                 {"prompts": prompts, "steps": self.steps, "cfg": self.cfg, "seed": self.seed + 1000})
+        record = record_unet_calls(self.unet, lambda: self.sample(self.unet, prompts, self.seed + 1000),
+                                   {"prompts": prompts, "steps": self.steps, "cfg": self.cfg, "seed": self.seed + 1000})
+        # the testbed sampler sends cond then uncond rows in one call: label them as ComfyUI's transformer_options
+        # would, so the record's trajectories re-run with CFG (VQ's distillation samples them)
+        record.cond_or_uncond = [[0, 1]] * len(record)
+        return record
 
     def calibration_sampler(self, calibration):
         """sampler(unet) running the calibration prompts of `calibration` as it was recorded (PCR samples)."""
@@ -238,8 +243,9 @@ def add_arguments(p):
     p.add_argument("--methods", default=",".join(METHOD_NAMES),
                    help="comma-separated: " + ", ".join(METHOD_NAMES + EXTRA_METHODS))
     p.add_argument("--rtn-group-size", type=int, default=128, help="rtn: weights per range, 0 = per channel")
-    p.add_argument("--fast", action="store_true", help="vq: shortened codebook search and XᵀX from every 4th "
-                   "calibration sample (the demo's budget); rows say so")
+    p.add_argument("--fast", action="store_true", help="vq: the options node's fast switch (no distillation, "
+                   "shortened codebook search) and XᵀX from every 4th calibration sample (the demo's budget); rows "
+                   "say so")
     add_common_arguments(p)
 
 

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from comfy_api.latest import io
 
 from ..quant_core.bitspec import parse_bits_spec
+from ..quant_core.methods.vq import FAST as VQ_FAST
 from ..quant_core.weight_rounding import RECONSTRUCTION_INPUTS, ROUNDINGS
 from .types import Options
 
@@ -71,9 +72,16 @@ class LowBitVQOptions(io.ComfyNode):
                 io.Int.Input("max_rounds", default=10, min=0, max=100,
                              tooltip="Beam-search + codebook-refit rounds per layer (stops early when a round "
                                      "gains < 1%)."),
-                io.Int.Input("distill_steps", default=0, min=0, max=100000,
-                             tooltip="Fine-tuning steps of codebooks and scales on the calibration's fp outputs "
-                                     "(needs a calibration input; 0 = off; slow on CPU)."),
+                io.Int.Input("distill_epochs", default=4, min=0, max=1000,
+                             tooltip="Distillation after the fit (VQDM's second stage, needs a calibration "
+                                     "input): codebooks, scales and biases trained against the full-precision "
+                                     "UNet on its own sampling of the calibration prompts from fresh noise, this "
+                                     "many passes. 0 = off. The slow part: each pass costs ~3x a sampling of "
+                                     "the calibration prompts."),
+                io.Boolean.Input("fast", default=False,
+                                 tooltip="Minutes instead of hours, lower quality: no distillation and a "
+                                         "shortened search (1 round, beam 4); overrides the three settings "
+                                         "above."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
                              tooltip="Seed of the codebook initialisation (same seed, same file)."),
                 _layers_input(),
@@ -82,10 +90,10 @@ class LowBitVQOptions(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, format, beam_size, max_rounds, distill_steps, seed, layers) -> io.NodeOutput:
-        return io.NodeOutput(QuantOptions("vq", {"format": format, "beam_size": beam_size,
-                                                 "max_rounds": max_rounds, "distill_steps": distill_steps,
-                                                 "seed": seed}, layers))
+    def execute(cls, format, beam_size, max_rounds, distill_epochs, fast, seed, layers) -> io.NodeOutput:
+        settings = {"format": format, "beam_size": beam_size, "max_rounds": max_rounds,
+                    "distill_epochs": distill_epochs, "seed": seed}
+        return io.NodeOutput(QuantOptions("vq", {**settings, **(VQ_FAST if fast else {})}, layers))
 
 
 class LowBitDGQOptions(io.ComfyNode):

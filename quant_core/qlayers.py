@@ -144,6 +144,15 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def swap_modules(root: nn.Module, modules: dict) -> dict:
+    """Put `modules` (name -> module) into `root`; returns the modules they replaced (swap those back to undo)."""
+    replaced = {}
+    for name, module in modules.items():
+        replaced[name] = root.get_submodule(name)
+        set_submodule(root, name, module)
+    return replaced
+
+
 def quantized_layers(model: nn.Module) -> dict:
     """name -> QuantizedLayer of every quantized layer in `model`."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}

@@ -27,7 +27,7 @@ SOCKETS = {
     "LowBitCalibrate": ([("model", "MODEL"), ("clip", "CLIP")],
                         ["prompts", "negative_prompt", "width", "height", "steps", "cfg", "sampler_name",
                          "scheduler", "seed", "max_prompts"], [("calibration", "LOWBIT_CALIBRATION")]),
-    "LowBitVQOptions": ([], ["format", "beam_size", "max_rounds", "distill_steps", "seed", "layers"],
+    "LowBitVQOptions": ([], ["format", "beam_size", "max_rounds", "distill_epochs", "fast", "seed", "layers"],
                         [("options", "LOWBIT_OPTIONS")]),
     "LowBitDGQOptions": ([], ["bits", "groups", "range_search", "quantize_attention", "weight_rounding",
                               "reconstruction_iterations", "reconstruction_inputs", "layers"],
@@ -227,7 +227,8 @@ CALIBRATION_PROMPTS = "\n".join([
 METHOD_NOTES = {
     "vq": ("LowBit VQ (VQDM/AQLM): groups of 8 weights coded by 3 codebooks of 256 entries (3x8g8, ~3.07 "
            "bits/weight, SDXL UNet ~1.02 GB). The calibration record makes the fit Hessian-aware (block by "
-           "block); without it VQ is data-free and lower quality. Full SDXL is a long job on a GPU (hours on a "
+           "block) and drives the distillation against the full-precision UNet (4 passes over the prompts, from "
+           "fresh noise); without it VQ is data-free and lower quality. 'fast' skips distillation. Full SDXL is a long job on a GPU (hours on a "
            "CPU): the 'layers' option restricts it to matching layers."),
     "dgq": ("LowBit DGQ: W8A8 with activation groups per timestep (k-means over channels or pixels) and "
             "log2-quantized attention probabilities, calibrated on the prompts below. Generation uses the "
@@ -239,8 +240,8 @@ METHOD_NOTES = {
 ROUNDING_DEFAULTS = {"weight_rounding": "nearest", "reconstruction_iterations": 2000,
                      "reconstruction_inputs": "quantized"}
 METHOD_OPTIONS = {
-    "vq": ("LowBitVQOptions", {"format": "3x8g8", "beam_size": 8, "max_rounds": 10, "distill_steps": 0,
-                               "seed": 0, "layers": ""}),
+    "vq": ("LowBitVQOptions", {"format": "3x8g8", "beam_size": 8, "max_rounds": 10, "distill_epochs": 4,
+                               "fast": False, "seed": 0, "layers": ""}),
     "dgq": ("LowBitDGQOptions", {"bits": "W8A8", "groups": "8", "range_search": False,
                                  "quantize_attention": True, **ROUNDING_DEFAULTS, "layers": ""}),
     "pcr": ("LowBitPCROptions", {"bits": "W8A8", "progressive": True, "relax": "first", "relax_fraction": 0.2,

@@ -70,7 +70,7 @@ MEASURED_ERROR = {"dgq": 0.02921, "pcr": 0.01444, "minmax": 0.01970, "vq": 0.003
     ("dgq", ("LowBitDGQOptions", ("W8A8", "8", False, True, "nearest", 2000, "quantized", ""))),
     ("pcr", ("LowBitPCROptions", ("W8A8", True, "first", 0.25, "gptq", 2000, "quantized", ""))),
     ("minmax", None),
-    ("vq", ("LowBitVQOptions", ("4x8g8", 4, 2, 0, 0, r"output_blocks\.[3-5]\.1\."))),
+    ("vq", ("LowBitVQOptions", ("4x8g8", 4, 2, 0, False, 0, r"output_blocks\.[3-5]\.1\."))),
 ])
 def test_quantize_node_with_calibration(testbed, probe, method, options):
     from lowbit.nodes import options as option_nodes
@@ -155,7 +155,7 @@ def test_interrupted_quantization_resumes_to_the_same_result(testbed, monkeypatc
     from lowbit.nodes.options import LowBitVQOptions
     from lowbit.quant_core.calib import resume
     model, _ = testbed
-    options = LowBitVQOptions.execute("2x8g8", 2, 1, 0, 0, r"transformer_blocks\.0\.(attn1|ff)").result[0]
+    options = LowBitVQOptions.execute("2x8g8", 2, 1, 0, False, 0, r"transformer_blocks\.0\.(attn1|ff)").result[0]
 
     def run():
         out = quantize_node.LowBitQuantizeUNet.execute(model, "vq", 4, 0, None, options).result[0]

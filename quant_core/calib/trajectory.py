@@ -1,8 +1,11 @@
-"""Re-running a calibration record's sampling trajectories through another UNet (what PCR calibrates on).
+"""Re-running a calibration record's sampling trajectories through another UNet (what PCR calibrates on, and
+VQ's distillation samples its teacher trajectories with).
 
 A calibration record holds every UNet call of the calibration sampling. `trajectory_sampler(record)` returns
 `sampler(unet)` that samples the same prompts again from the same starting noise through `unet` (e.g. the
-partly quantized model), so a method can observe what the *quantized* model's own trajectory looks like:
+partly quantized model), so a method can observe what the *quantized* model's own trajectory looks like.
+`run_trajectories(record, predict, device, noise_seed=S)` is the same loop with any per-call predictor, and with
+a seed it starts every trajectory from fresh noise (new trajectories for the recorded conditioning):
 
 - calls are split into trajectories where the timestep stops decreasing; consecutive calls with the same
   timestep (cond and uncond sent separately) form one step;
@@ -16,7 +19,7 @@ ComfyUI's ModelSamplingDiscrete for SD/SDXL's eps-prediction "linear" schedule (
 Cond/uncond rows are known from `record.cond_or_uncond` (ComfyUI's transformer_options, recorded by
 `record_unet_calls`); without it, or with cfg = 1, every row follows its own conditioning without guidance.
 """
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -71,18 +74,21 @@ def _roles(record, index: int, rows: int) -> list:
     return [label for label in labels for _ in range(per)]
 
 
-def trajectory_sampler(record, cfg=None, sigmas=None) -> Callable[[nn.Module], None]:
-    """`sampler(unet)` re-running `record`'s trajectories through `unet` (see the module docstring).
-    cfg defaults to record.settings['cfg'] (1 when absent)."""
+def run_trajectories(record, predict: Callable[[dict], torch.Tensor], device, cfg=None, sigmas=None,
+                     noise_seed: Optional[int] = None) -> None:
+    """Sample `record`'s trajectories (see the module docstring) with `predict(inputs) -> eps` as the model.
+    `inputs` are a recorded call's keyword arguments on `device` with `x` replaced by the trajectory's current
+    latent. With `noise_seed` every trajectory starts from fresh Gaussian noise (drawn on the CPU from that seed, in
+    recording order) instead of the recorded starting latent: new trajectories for the same conditioning."""
     if not len(record) or any("timesteps" not in call or "x" not in call for call in record.inputs):
         raise LowBitError("calibration record: re-running its trajectories needs recorded 'x' and 'timesteps' "
                           "for every call; record it with LowBitCalibrate or lowbit.quant_core.calib.record")
     cfg = float(record.settings.get("cfg", 1.0) if cfg is None else cfg)
     sigmas = discrete_sigmas() if sigmas is None else sigmas
-    paths = trajectories(record)
     guided = cfg != 1.0 and record.cond_or_uncond is not None
+    generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
 
-    def run_step(unet, device, x, calls, sigma):
+    def run_step(x, calls, sigma):
         eps_cond, eps_uncond = [], []
         for i in calls:
             call = record.inputs[i]
@@ -91,7 +97,7 @@ def trajectory_sampler(record, cfg=None, sigmas=None) -> Callable[[nn.Module], N
             inputs = {k: v.to(device) for k, v in call.items()}
             # every row of the call starts from the trajectory's current latent of its prompt
             inputs["x"] = (x.repeat(rows // x.shape[0], 1, 1, 1) / (sigma ** 2 + 1) ** 0.5).to(call["x"].dtype)
-            eps = unet(**inputs).float()
+            eps = predict(inputs).float()
             for role, row in zip(roles, eps):
                 (eps_uncond if role == UNCOND else eps_cond).append(row)
         cond = torch.stack(eps_cond)
@@ -100,19 +106,27 @@ def trajectory_sampler(record, cfg=None, sigmas=None) -> Callable[[nn.Module], N
         uncond = torch.stack(eps_uncond)
         return uncond + cfg * (cond - uncond)
 
+    with torch.no_grad():
+        for path in trajectories(record):
+            steps = [(calls, sigma_of(_timestep(record.inputs[calls[0]]), sigmas)) for calls in path]
+            first = record.inputs[path[0][0]]
+            rows = [r for r, role in enumerate(_roles(record, path[0][0], first["x"].shape[0]))
+                    if role == COND] or list(range(first["x"].shape[0]))
+            shape = first["x"][rows].shape
+            # the recorded input is the scaled latent x/sqrt(σ²+1); fresh noise starts as KSampler's does
+            start = first["x"][rows].float() if generator is None else torch.randn(shape, generator=generator)
+            x = start.to(device) * (steps[0][1] ** 2 + 1) ** 0.5
+            for n, (calls, sigma) in enumerate(steps):
+                eps = run_step(x, calls, sigma)
+                if eps.shape[0] != x.shape[0]:  # no cond/uncond labels: each row follows itself
+                    x = x.repeat(eps.shape[0] // x.shape[0], 1, 1, 1)
+                next_sigma = steps[n + 1][1] if n + 1 < len(steps) else 0.0
+                x = x + (next_sigma - sigma) * eps
+
+
+def trajectory_sampler(record, cfg=None, sigmas=None) -> Callable[[nn.Module], None]:
+    """`sampler(unet)` re-running `record`'s trajectories through `unet` (see the module docstring).
+    cfg defaults to record.settings['cfg'] (1 when absent)."""
     def sampler(unet: nn.Module) -> None:
-        device = next(unet.parameters()).device
-        with torch.no_grad():
-            for path in paths:
-                steps = [(calls, sigma_of(_timestep(record.inputs[calls[0]]), sigmas)) for calls in path]
-                first = record.inputs[path[0][0]]
-                rows = [r for r, role in enumerate(_roles(record, path[0][0], first["x"].shape[0]))
-                        if role == COND] or list(range(first["x"].shape[0]))
-                x = first["x"][rows].to(device).float() * (steps[0][1] ** 2 + 1) ** 0.5
-                for n, (calls, sigma) in enumerate(steps):
-                    eps = run_step(unet, device, x, calls, sigma)
-                    if eps.shape[0] != x.shape[0]:  # no cond/uncond labels: each row follows itself
-                        x = x.repeat(eps.shape[0] // x.shape[0], 1, 1, 1)
-                    next_sigma = steps[n + 1][1] if n + 1 < len(steps) else 0.0
-                    x = x + (next_sigma - sigma) * eps
+        run_trajectories(record, lambda inputs: unet(**inputs), next(unet.parameters()).device, cfg, sigmas)
     return sampler

@@ -43,7 +43,7 @@ from ..actquant.params import single_range
 from ..calib.statistics import observing
 from ..errors import LowBitError
 from ..layouts.int_affine import affine_params
-from ..qlayers import matrix_view, set_submodule
+from ..qlayers import matrix_view, swap_modules
 from ..weight_rounding import RoundingOptions, round_weights
 from .base import Method, register_method
 
@@ -243,11 +243,9 @@ class PCR(Method):
                   f"UNet steps (~{cost / n_steps:.1f} sampling passes)"
                   + (f" over {len(prompts)} prompts" if isinstance(prompts, list) else ""), file=sys.stderr,
                   flush=True)
-            originals = {name: unet.get_submodule(name) for name in result}
             bind(unet)
+            originals = swap_modules(unet, result)
             try:
-                for name, layer in result.items():
-                    set_submodule(unet, name, layer)
                 for t in range(done + 1, n_steps + 1):
                     _refit_step(unet, result, observers, sampler, tracker, t - 1, bits[t - 1], order.index(t - 1))
                     if resume is not None:
@@ -255,7 +253,6 @@ class PCR(Method):
                     if progress:
                         progress(1 + t, total, f"progressive step {t}/{n_steps}")
             finally:
-                for name, module in originals.items():
-                    set_submodule(unet, name, module)
+                swap_modules(unet, originals)
         bind(unet)
         return result

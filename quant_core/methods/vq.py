@@ -6,10 +6,12 @@ per output row: ≈2.15 / 3.15 / 4.15 bits per weight (layout `vq`, codec lowbit
 With a calibration record (`quantize_model`) the UNet is quantized block by block in execution order
 (input_blocks.0..N, middle_block, output_blocks.0..N, as VQDM): the recorded UNet calls are replayed, with every
 earlier block already quantized (`sequential`, error-aware), to collect XᵀX of the block's layers, and each layer
-minimises ‖XWᵀ − XŴᵀ‖². Replays stop after the block being measured. Optionally (`distill_steps` > 0) the
-codebooks and scales of all layers are then fine-tuned, codes frozen, on the MSE between the quantized UNet's
-outputs and the recorded full-precision outputs (the paper's distillation stage, on the calibration calls
-instead of fresh teacher trajectories).
+minimises ‖XWᵀ − XŴᵀ‖². Replays stop after the block being measured. Then (`distill_epochs` > 0, the default)
+the paper's distillation stage: codes frozen, the codebooks, scales and biases of all layers are trained against
+the full-precision UNet on its own sampling trajectories from fresh noise (lowbit.quant_core.distillation).
+`FAST` skips distillation and shortens the search (minutes instead of hours; lower quality).
+With a checkpoint every finished block is saved as a part and distillation after every epoch: an interrupted
+run resumes with identical results.
 Without calibration (`quantize_layers`, data-free) every layer minimises the plain weight error (H = I): a
 clearly lower-quality fallback, used when no record is given or only weights are at hand.
 """
@@ -19,19 +21,20 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..calib.replay import blocks_in_order, replay
 from ..calib.statistics import collect_xtx
+from ..distillation import distill
 from ..errors import LowBitError
 from ..layouts.vq import CODEBOOK_BITS, MAX_CODEBOOKS
-from ..qlayers import make_quantized_layer, matrix_view, set_submodule
+from ..qlayers import make_quantized_layer, matrix_view, swap_modules
 from ..vq_codec import fit_vq
 from .base import Method, register_method
 
 GROUP_SIZE = 8
+# the "fast" switch (node, CLI, bench --fast): no distillation and a shortened codebook search (one beam round)
+FAST = {"distill_epochs": 0, "max_rounds": 1, "beam_size": 4, "kmeans_iters": 10, "refit_iters": 10}
 _FORMAT = re.compile(r"(\d+)x8g8")
 
 
@@ -46,16 +49,17 @@ class VQConfig:
     damping: float = 0.01      # added to XᵀX's diagonal, as a fraction of its mean
     seed: int = 0
     sequential: bool = True    # statistics of a block are collected with the earlier blocks quantized
-    distill_steps: int = 0     # fine-tuning steps of codebooks + scales on the recorded outputs (0: off)
-    distill_lr: float = 1e-4   # Adam step size relative to each tensor's magnitude
+    distill_epochs: int = 4    # passes of distillation over the record's conditioning, fresh noise each (0: off)
+    distill_lr: float = 1e-3   # Adam step size relative to each tensor's mean magnitude
+    distill_batch_rows: int = 16  # batch rows per distillation step (a UNet call is split into such steps)
 
     def __post_init__(self):
         if not 1 <= self.num_codebooks <= MAX_CODEBOOKS:
             raise LowBitError(f"VQ: num_codebooks {self.num_codebooks} must be 1..{MAX_CODEBOOKS}")
         if self.beam_size < 1 or self.max_rounds < 0 or self.refit_iters < 0 or self.kmeans_iters < 0:
             raise LowBitError("VQ: beam_size must be ≥ 1 and max_rounds / refit_iters / kmeans_iters ≥ 0")
-        if self.distill_steps < 0 or self.distill_lr <= 0:
-            raise LowBitError("VQ: distill_steps must be ≥ 0 and distill_lr > 0")
+        if self.distill_epochs < 0 or self.distill_lr <= 0 or self.distill_batch_rows < 1:
+            raise LowBitError("VQ: distill_epochs must be ≥ 0, distill_lr > 0 and distill_batch_rows ≥ 1")
 
     @property
     def name(self) -> str:
@@ -85,50 +89,6 @@ def quantize_vq_layer(name: str, module: nn.Module, hessian: Optional[torch.Tens
                                 {"codes": fit.codes, "codebooks": fit.codebooks, "scales": fit.scales})
 
 
-def _swap(unet: nn.Module, modules: dict) -> dict:
-    """Put `modules` (name -> module) into `unet`; returns the modules they replaced."""
-    replaced = {}
-    for name, module in modules.items():
-        replaced[name] = unet.get_submodule(name)
-        set_submodule(unet, name, module)
-    return replaced
-
-
-def distill(unet: nn.Module, quantized: dict, calibration, steps: int, lr: float) -> list:
-    """Fine-tune the codebooks and scales of `quantized` (name -> vq layer, already inside `unet`), codes frozen,
-    on the MSE between `unet`'s outputs and the recorded ones, cycling over the calibration calls. Adam on fp32
-    copies, step size `lr` times each tensor's mean magnitude; the fp16 tensors are updated in place at the end.
-    Returns the loss of every step.
-    """
-    masters, groups = {}, []
-    for name, layer in quantized.items():
-        for tensor_name in ("codebooks", "scales"):
-            stored = getattr(layer, tensor_name)
-            master = stored.detach().float().clone().requires_grad_(True)
-            masters[f"{name}.{tensor_name}"] = (stored, master)
-            groups.append({"params": [master], "lr": lr * master.abs().mean().clamp_min(1e-8).item()})
-    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.95))
-    device = next(unet.parameters()).device
-    losses = []
-    # the reference decode is differentiable, the fused kernels are not
-    try:
-        with ops.reference_only(), torch.enable_grad():
-            for step in range(steps):
-                i = step % len(calibration)
-                overrides = {key: master for key, (_, master) in masters.items()}
-                out = torch.func.functional_call(unet, overrides, kwargs={k: v.to(device) for k, v in calibration.inputs[i].items()})
-                loss = F.mse_loss(out.float(), calibration.outputs[i].to(device).float())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-    finally:
-        with torch.no_grad():
-            for stored, master in masters.values():
-                stored.copy_(master.to(stored.dtype))
-    return losses
-
-
 @register_method
 class VQ(Method):
     name = "vq"
@@ -149,26 +109,39 @@ class VQ(Method):
             warnings.warn("VQ without a calibration record: data-free fit of the weights only (lower quality); "
                           "record calibration calls for the Hessian-aware method", stacklevel=2)
             return self.quantize_layers(layers, config, None, progress)
-        if config.distill_steps and calibration.outputs is None:
-            raise LowBitError("VQ: distillation needs a calibration record with the full-precision outputs; "
-                              "record with outputs or set distill_steps=0")
+        if config.distill_epochs and any("x" not in call or "timesteps" not in call for call in calibration.inputs):
+            raise LowBitError("VQ: distillation re-samples the calibration record's trajectories, which needs 'x' "
+                              "and 'timesteps' in every call; record with LowBitCalibrate, or skip distillation "
+                              "(distill_epochs=0, the fast switch)")
+        done = {} if resume is None else {name: layer.to(layers[name].weight.device)
+                                          for name, layer in resume.load().items() if name in layers}
         quantized, replaced = {}, {}
         try:
             for block_name, block_layers in blocks_in_order(unet, layers).items():
-                block = unet.get_submodule(block_name)
-                hessians = collect_xtx(unet, block_layers, lambda: replay(unet, calibration.inputs, stop_after=block))
-                for name, module in block_layers.items():
-                    # a layer the replay never reached (nothing to measure) gets the data-free fit
-                    quantized[name] = quantize_vq_layer(name, module, hessians.get(name), config)
+                if all(name in done for name in block_layers):
+                    quantized.update({name: done[name] for name in block_layers})
                     if progress:
-                        progress(len(quantized), len(layers), name)
+                        progress(len(quantized), len(layers), f"{block_name} (resumed)")
+                else:
+                    block = unet.get_submodule(block_name)
+                    hessians = collect_xtx(unet, block_layers,
+                                           lambda: replay(unet, calibration.inputs, stop_after=block))
+                    for name, module in block_layers.items():
+                        # a layer the replay never reached (nothing to measure) gets the data-free fit
+                        quantized[name] = quantize_vq_layer(name, module, hessians.get(name), config)
+                        if progress:
+                            progress(len(quantized), len(layers), name)
+                    if resume is not None:
+                        resume.save_part({name: quantized[name] for name in block_layers})
                 if config.sequential:
-                    replaced.update(_swap(unet, {n: quantized[n] for n in block_layers}))
-            if config.distill_steps:
-                replaced.update(_swap(unet, {n: q for n, q in quantized.items() if n not in replaced}))
-                distill(unet, quantized, calibration, config.distill_steps, config.distill_lr)
+                    replaced.update(swap_modules(unet, {name: quantized[name] for name in block_layers}))
+            if config.distill_epochs:
+                replaced.update(swap_modules(unet, {n: q for n, q in quantized.items() if n not in replaced}))
+                distill(unet, quantized, replaced, calibration, epochs=config.distill_epochs, lr=config.distill_lr,
+                        batch_rows=config.distill_batch_rows, seed=config.seed, progress=progress,
+                        checkpoint=resume)
         finally:
-            _swap(unet, replaced)
+            swap_modules(unet, replaced)
         return quantized
 
     def describe(self, config) -> dict:
