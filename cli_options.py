@@ -14,7 +14,7 @@ def add_method_options(parser) -> None:
                         help="vq format: 2x8g8, 3x8g8 or 4x8g8 (codebooks x bits, groups of 8)")
     parser.add_argument("--seed", type=int, default=0, help="vq: seed of the k-means initialisation and of the "
                         "distillation's fresh noise")
-    parser.add_argument("--distill-epochs", type=int, default=4, help="vq with --calib: distillation passes over the "
+    parser.add_argument("--distill-epochs", type=int, default=8, help="vq with --calib: distillation passes over the "
                         "record's prompts against the fp UNet (0 = off)")
     parser.add_argument("--fast", action="store_true", help="vq: no distillation and a shortened code search "
                         "(minutes instead of hours, lower quality)")

@@ -61,8 +61,8 @@ class LowBitVQOptions(io.ComfyNode):
             display_name="VQ Options (LowBit)",
             category="LowBit/quantize",
             description="Additive vector quantization (VQDM/AQLM): groups of 8 weights coded by M 256-entry "
-                        "codebooks. With a calibration input the fit is Hessian-aware; without, it is data-free "
-                        "(lower quality).",
+                        "codebooks. With a calibration input the fit is Hessian-aware and then distilled against "
+                        "the full-precision UNet; without, it is data-free (lower quality).",
             inputs=[
                 io.Combo.Input("format", options=VQ_FORMATS, default="3x8g8",
                                tooltip="M codebooks x 8 bits, groups of 8: 2x8g8 ≈ 2 bits/weight, 3x8g8 ≈ 3, "
@@ -72,7 +72,7 @@ class LowBitVQOptions(io.ComfyNode):
                 io.Int.Input("max_rounds", default=10, min=0, max=100,
                              tooltip="Beam-search + codebook-refit rounds per layer (stops early when a round "
                                      "gains < 1%)."),
-                io.Int.Input("distill_epochs", default=4, min=0, max=1000,
+                io.Int.Input("distill_epochs", default=8, min=0, max=1000,
                              tooltip="Distillation after the fit (VQDM's second stage, needs a calibration "
                                      "input): codebooks, scales and biases trained against the full-precision "
                                      "UNet on its own sampling of the calibration prompts from fresh noise, this "

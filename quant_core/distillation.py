@@ -1,20 +1,20 @@
 """VQDM's second stage: distilling a quantized UNet against its full-precision teacher on the teacher's own
 sampling trajectories.
 
-Every epoch the teacher (the UNet with its original layers) samples the calibration record's conditioning from
-fresh noise (lowbit.quant_core.calib.trajectory.run_trajectories, noise seed = seed + epoch, the record's σ
-schedule and CFG). At every UNet call the student (the same UNet with the quantized layers swapped in) predicts
-on the teacher's input, `batch_rows` rows at a time, and takes an Adam step on the MSE to the teacher's
-prediction, each row weighted by σ²/(σ²+1) (below); the trajectory goes on with the teacher's prediction. Trained: every floating-point tensor of the
-quantized layers (VQ: codebooks, scales and biases; the integer codes stay frozen) as fp32 masters, rounded to
-their storage dtype in the forward pass (what the file will hold), written back when done. The Adam step of a
-tensor is `lr` times its mean magnitude, so one setting suits codebooks and scales alike.
+Every epoch the teacher (the UNet with its original layers) samples the calibration record's conditioning from fresh
+noise (lowbit.quant_core.calib.trajectory.run_trajectories, noise seed = seed + epoch, the record's σ schedule and
+CFG). At every UNet call the student (the same UNet with the quantized layers swapped in) predicts on the teacher's
+input, `batch_rows` rows at a time, and takes an Adam step on the MSE to the teacher's prediction, each row weighted
+by σ²/(σ²+1) (below); the trajectory goes on with the teacher's prediction. Trained: every floating-point tensor of
+the quantized layers (VQ: codebooks, scales and biases; the integer codes stay frozen) as fp32 masters, rounded to
+their storage dtype in the forward pass (what the file will hold), written back when done. The Adam step of a tensor
+is `lr` times its mean magnitude, so one setting suits codebooks and scales alike.
 
-Loss weighting (our choice; the paper uses the plain noise-prediction MSE): an error Δε in the predicted noise
-moves the denoised estimate x₀ = x − σ·ε by σ·Δε, which is σ/√(σ²+1)·Δε in the units of the UNet's scaled input,
-so the squared error is weighted by σ²/(σ²+1): ~1 at high noise, ~σ² at the last steps, where a noise error
-barely moves the image. On the testbed (VQ 3x8g8, 4 epochs, 8 prompts per split) it gave +2.0 / +2.7 dB PSNR
-(in-domain / held-out) over no distillation, against +1.2 / +1.4 dB with the plain MSE.
+Loss weighting (our choice; the paper uses the plain noise-prediction MSE): an error Δε in the predicted noise moves
+the denoised estimate x₀ = x − σ·ε by σ·Δε, which is σ/√(σ²+1)·Δε in the units of the UNet's scaled input, so the
+squared error is weighted by σ²/(σ²+1): ~1 at high noise, ~σ² at the last steps, where a noise error barely moves
+the image. On the testbed (VQ 3x8g8 shortened search, 4 epochs, lr 1e-3, 8 prompts per split) it gave +2.0 / +2.7 dB
+PSNR (in-domain / held-out) over no distillation, against +1.2 / +1.4 dB with the plain MSE.
 
 Resumable: with a checkpoint the masters and Adam's moments are saved after every epoch and an interrupted run
 continues from the last finished epoch with identical results. Deterministic: fresh noise comes from the seed.

@@ -227,7 +227,7 @@ CALIBRATION_PROMPTS = "\n".join([
 METHOD_NOTES = {
     "vq": ("LowBit VQ (VQDM/AQLM): groups of 8 weights coded by 3 codebooks of 256 entries (3x8g8, ~3.07 "
            "bits/weight, SDXL UNet ~1.02 GB). The calibration record makes the fit Hessian-aware (block by "
-           "block) and drives the distillation against the full-precision UNet (4 passes over the prompts, from "
+           "block) and drives the distillation against the full-precision UNet (8 passes over the prompts, from "
            "fresh noise); without it VQ is data-free and lower quality. 'fast' skips distillation. Full SDXL is a long job on a GPU (hours on a "
            "CPU): the 'layers' option restricts it to matching layers."),
     "dgq": ("LowBit DGQ: W8A8 with activation groups per timestep (k-means over channels or pixels) and "
@@ -240,7 +240,7 @@ METHOD_NOTES = {
 ROUNDING_DEFAULTS = {"weight_rounding": "nearest", "reconstruction_iterations": 2000,
                      "reconstruction_inputs": "quantized"}
 METHOD_OPTIONS = {
-    "vq": ("LowBitVQOptions", {"format": "3x8g8", "beam_size": 8, "max_rounds": 10, "distill_epochs": 4,
+    "vq": ("LowBitVQOptions", {"format": "3x8g8", "beam_size": 8, "max_rounds": 10, "distill_epochs": 8,
                                "fast": False, "seed": 0, "layers": ""}),
     "dgq": ("LowBitDGQOptions", {"bits": "W8A8", "groups": "8", "range_search": False,
                                  "quantize_attention": True, **ROUNDING_DEFAULTS, "layers": ""}),

@@ -49,8 +49,8 @@ class VQConfig:
     damping: float = 0.01      # added to XᵀX's diagonal, as a fraction of its mean
     seed: int = 0
     sequential: bool = True    # statistics of a block are collected with the earlier blocks quantized
-    distill_epochs: int = 4    # passes of distillation over the record's conditioning, fresh noise each (0: off)
-    distill_lr: float = 1e-3   # Adam step size relative to each tensor's mean magnitude
+    distill_epochs: int = 8    # passes of distillation over the record's conditioning, fresh noise each (0: off)
+    distill_lr: float = 3e-4   # Adam step relative to each tensor's mean magnitude (README: why not 1e-3)
     distill_batch_rows: int = 16  # batch rows per distillation step (a UNet call is split into such steps)
 
     def __post_init__(self):
