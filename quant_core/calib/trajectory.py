@@ -74,15 +74,19 @@ def _roles(record, index: int, rows: int) -> list:
     return [label for label in labels for _ in range(per)]
 
 
+def _check_replayable(record) -> None:
+    if not len(record) or any("timesteps" not in call or "x" not in call for call in record.inputs):
+        raise LowBitError("calibration record: re-running its trajectories needs recorded 'x' and 'timesteps' "
+                          "for every call; record it with LowBitCalibrate or lowbit.quant_core.calib.record")
+
+
 def run_trajectories(record, predict: Callable[[dict], torch.Tensor], device, cfg=None, sigmas=None,
                      noise_seed: Optional[int] = None) -> None:
     """Sample `record`'s trajectories (see the module docstring) with `predict(inputs) -> eps` as the model.
     `inputs` are a recorded call's keyword arguments on `device` with `x` replaced by the trajectory's current
     latent. With `noise_seed` every trajectory starts from fresh Gaussian noise (drawn on the CPU from that seed, in
     recording order) instead of the recorded starting latent: new trajectories for the same conditioning."""
-    if not len(record) or any("timesteps" not in call or "x" not in call for call in record.inputs):
-        raise LowBitError("calibration record: re-running its trajectories needs recorded 'x' and 'timesteps' "
-                          "for every call; record it with LowBitCalibrate or lowbit.quant_core.calib.record")
+    _check_replayable(record)
     cfg = float(record.settings.get("cfg", 1.0) if cfg is None else cfg)
     sigmas = discrete_sigmas() if sigmas is None else sigmas
     guided = cfg != 1.0 and record.cond_or_uncond is not None
@@ -127,6 +131,8 @@ def run_trajectories(record, predict: Callable[[dict], torch.Tensor], device, cf
 def trajectory_sampler(record, cfg=None, sigmas=None) -> Callable[[nn.Module], None]:
     """`sampler(unet)` re-running `record`'s trajectories through `unet` (see the module docstring).
     cfg defaults to record.settings['cfg'] (1 when absent)."""
+    _check_replayable(record)  # now, not when sampling starts
+
     def sampler(unet: nn.Module) -> None:
         run_trajectories(record, lambda inputs: unet(**inputs), next(unet.parameters()).device, cfg, sigmas)
     return sampler
