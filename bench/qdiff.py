@@ -7,7 +7,8 @@ Entries, all PCR at one W·A· setting with the same calibration record and samp
 - `activations_16bit`: the same weights with 16-bit activations on every step: what is left of the distance
   to fp with activation quantization out of the picture, the bound no activation calibration can beat.
 All variants share the weights: `--weight-rounding` (nearest, the default; gptq; adaround: block
-reconstruction, rerun for every entry) applies to every entry, so the ratios measure activation calibration only.
+reconstruction, run once and shared through `--rounding-cache` with every entry, and with `bench quality` runs of
+the same seed) applies to every entry, so the ratios measure activation calibration only.
 Each is sampled on the same in-domain and held-out prompts and seeds as the full-precision model and
 scored by PSNR and Fréchet distance to the fp samples ("FID to FP") and by alignment. `ratios` gives each
 entry's Fréchet distance and MSE to fp (10^(−PSNR/10)) relative to `oneshot`. `range_drift` says how far
@@ -21,8 +22,8 @@ import sys
 import time
 
 from ..quant_core.bitspec import parse_bits_spec
-from .quality import (SPLITS, add_common_arguments, load_testbed_run, output_paths, quantized_copy, rounding_options,
-                      rounding_suffix, write_report)
+from .quality import (SPLITS, add_common_arguments, load_testbed_run, output_paths, quantized_copy, rounding_cache,
+                      rounding_options, rounding_suffix, write_report)
 
 VARIANTS = {"oneshot": {"progressive": False, "relax": "none"},
             "progressive": {"progressive": True, "relax": "none"},
@@ -49,7 +50,7 @@ def run(args):
         t0 = time.perf_counter()
         config = PCRConfig(weight_bits=weight_bits, act_bits=act_bits, **rounding_options(args),
                            **options)
-        models[name] = quantized_copy(testbed, config, calibration)
+        models[name] = quantized_copy(testbed, config, calibration, rounding_cache(args))
         rows[name] = testbed.samples(models[name])
         entries[name] = {"config": PCR().describe(config), **testbed.metrics(rows[name], reference),
                          "seconds": round(time.perf_counter() - t0, 1)}

@@ -30,6 +30,7 @@ from pathlib import Path
 from ..quant_core.bitspec import parse_bits_spec
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROUNDING_CACHE = Path(__file__).resolve().parent / "out" / "rounding_cache"
 METHOD_NAMES = ("rtn", "minmax", "vq", "dgq", "pcr")
 # also accepted by --methods: DGQ with the attention matmuls (Q/K/V, softmax) left in full precision, the
 # like-for-like comparison with minmax and pcr, which quantize Linear/Conv2d inputs only
@@ -134,12 +135,19 @@ def run_facts() -> dict:
             "machine": f"CPU {os.cpu_count()} cores", "device": "cpu", "torch_threads": torch.get_num_threads()}
 
 
+def repo_relative(path) -> str:
+    """`path` relative to the repository root when it lies inside it (reports stay valid in any checkout)."""
+    root = RESULTS_DIR.parent.parent
+    path = Path(path).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def write_report(benchmark: str, args, body: dict, start: float, rows: dict, testbed: Testbed, grid, path) -> None:
     """The benchmark JSON (settings, provenance, `body`, wall time) to `path` and stdout, the sample grid to
     `grid`."""
     report = {"benchmark": benchmark, "bits": args.bits.upper(), "seed": args.seed, "prompts_per_split": args.n,
               "steps": args.steps, "cfg": args.cfg, "calibration_prompts": args.calib_prompts,
-              **run_facts(), **body, "seconds": round(time.perf_counter() - start, 1), "grid": str(grid)}
+              **run_facts(), **body, "seconds": round(time.perf_counter() - start, 1), "grid": repo_relative(grid)}
     save_rows_grid(rows, testbed, grid)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
@@ -168,12 +176,15 @@ def size_stats(unet) -> dict:
             "bytes": module_summary(unet)["total_bytes"]}
 
 
-def quantized_copy(testbed: Testbed, config, calibration):
+def quantized_copy(testbed: Testbed, config, calibration, rounding_cache: str = ""):
+    """The testbed UNet quantized with `config`. `rounding_cache`: a folder where AdaRound's codes are kept and
+    taken from by every method on the same grid and record, in this run and later ones (--rounding-cache)."""
     from ..quant_core.api import quantize
     from ..quant_core.methods import method_for_config
     sampler = None if calibration is None else testbed.calibration_sampler(calibration)
+    cache = {"resume": rounding_cache, "keep_rounding": True} if rounding_cache else {}
     return quantize(copy.deepcopy(testbed.unet), config, calibration, sampler=sampler,
-                    progress=stage_bars(method_for_config(config).name))
+                    progress=stage_bars(method_for_config(config).name), **cache)
 
 
 def stage_bars(desc: str):
@@ -220,6 +231,14 @@ def add_common_arguments(p):
     p.add_argument("--reconstruction-iterations", type=int, default=2000, help="adaround: steps per UNet block")
     p.add_argument("--reconstruction-inputs", default="quantized", choices=("quantized", "fp"),
                    help="adaround: block inputs with earlier blocks quantized, or full precision")
+    p.add_argument("--rounding-cache", default=str(ROUNDING_CACHE),
+                   help="adaround: folder keeping the reconstructed codes, keyed by weights, grids, record and "
+                   "options; every method and run on the same grid takes them from there (delete it to redo)")
+
+
+def rounding_cache(args) -> str:
+    """The folder adaround's codes are shared through ("" without adaround)."""
+    return args.rounding_cache if args.weight_rounding == "adaround" else ""
 
 
 def rounding_options(args) -> dict:
@@ -281,7 +300,7 @@ def run(args):
             calibration = testbed.calibration(args.calib_prompts)
         unet = quantized_copy(testbed, config,
                               every_nth_sample(calibration, VQ_SAMPLE_STRIDE) if method == "vq" and args.fast
-                              else calibration)
+                              else calibration, rounding_cache(args) if method in ROUNDED_METHODS else "")
         rows[method] = testbed.samples(unet)
         from ..quant_core.methods import method_for_config
         results[method] = {"config": method_for_config(config).describe(config), **size_stats(unet),

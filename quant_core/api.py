@@ -22,18 +22,22 @@ def _default_sampler(method: str, calibration):
 
 def quantize_layers_of(unet: Optional[nn.Module], layers: dict, config, calibration=None,
                        progress: Optional[ProgressFn] = None, resume: Optional[str] = None, sampler=None,
-                       calibration_id: str = "") -> dict:
+                       calibration_id: str = "", keep_rounding: bool = False) -> dict:
     """name -> QuantizedLayer for `layers` (name -> module); `unet` is None when only weights are at hand.
 
     resume: a folder; the run keeps its checkpoint in a subfolder named by the method, its config, the layers'
     weights and `calibration_id` (lowbit.quant_core.calib.resume), continues from what an interrupted run
     left there and removes it once done. Methods with independent layers save finished layers in parts;
-    methods that run the model save their own state there (PCR).
+    methods that run the model save their own state there (PCR). AdaRound's codes go to a folder beside it keyed
+    by weights, grids, record and options (lowbit.quant_core.weight_rounding.round_weights); `keep_rounding`
+    keeps that folder after the run, so another int_affine method on the same grid and record (minmax, pcr, dgq,
+    rtn per channel) takes the codes instead of reconstructing again (bench runs; on SDXL it holds the codes of
+    every quantized weight, ~1.3 GB at 4 bits).
     sampler: for methods that sample during calibration (PCR): a callable sampler(unet); default: the record's
     own trajectories re-run (lowbit.quant_core.calib.trajectory.trajectory_sampler)."""
     method = method_for_config(config)
     checkpoint = None if resume is None else Checkpoint.for_run(resume, method.name, method.describe(config),
-                                                                layers, calibration_id)
+                                                                layers, calibration_id, keep_rounding)
     if unet is None or not method.runs_model(config):
         def run(chunk, chunk_progress):
             return method.quantize_layers(chunk, config, calibration, chunk_progress)
@@ -52,7 +56,7 @@ def quantize_layers_of(unet: Optional[nn.Module], layers: dict, config, calibrat
 def quantize_layers(unet: nn.Module, config, calibration=None, layers=None, **options) -> dict:
     """name -> QuantizedLayer for the selected layers of `unet` (the UNet itself is left unchanged).
     layers: which of the selectable layers (None = all, a regular expression on names, or a callable(name,
-    module) -> bool); options: progress, resume, sampler, calibration_id (quantize_layers_of)."""
+    module) -> bool); options: progress, resume, sampler, calibration_id, keep_rounding (quantize_layers_of)."""
     return quantize_layers_of(unet, choose_layers(select_layers(unet), layers), config, calibration, **options)
 
 

@@ -174,6 +174,55 @@ def test_block_reconstruction_is_deterministic_and_resumes_to_identical_tensors(
     assert not list((tmp_path / "ckpt").iterdir())
 
 
+def test_adaround_codes_are_shared_by_methods_on_the_same_grid(tmp_path, monkeypatch):
+    """rtn per channel, minmax and DGQ (which stores K permuted) build the same per-channel min-max grid: with the
+    codes kept (keep_rounding), the second and third method take them from the shared checkpoint without
+    reconstructing, and get exactly the codes their own reconstruction gives; another record reconstructs again,
+    and a run that does not keep them leaves nothing behind."""
+    from helpers.fixtures import tiny_sdxl_unet
+    from lowbit.quant_core.methods.minmax import MinMaxConfig
+    from lowbit.quant_core.weight_rounding import adaround
+    from lowbit.quant_core.weight_rounding.grid import logical_codes
+    torch.set_num_threads(1)
+    unet = tiny_sdxl_unet(seed=0)
+    record = _tiny_record(unet, seed=0, calls=2)
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+              and n.startswith(("input_blocks.1.0", "input_blocks.4.1.transformer_blocks.0.attn1"))}
+    rounding = dict(weight_rounding="adaround", reconstruction_iterations=6)
+    configs = {"rtn": RTNConfig(bits=4, group_size=0, **rounding), "minmax": MinMaxConfig(weight_bits=4, **rounding),
+               "dgq": DGQConfig(weight_bits=4, act_bits=8, **rounding)}
+    optimised, optimise_unit = [], adaround.optimise_unit
+
+    def spy(unit, unit_name, *args, **kwargs):
+        optimised.append(unit_name)
+        return optimise_unit(unit, unit_name, *args, **kwargs)
+
+    monkeypatch.setattr(adaround, "optimise_unit", spy)
+    shared = tmp_path / "shared"
+
+    def codes(config, resume=None, calibration=record, keep=True):
+        options = {} if resume is None else {"resume": str(resume), "keep_rounding": keep}
+        quantized = quantize_layers_of(unet, layers, config, calibration, **options)
+        return {name: logical_codes(layer) for name, layer in quantized.items()}
+
+    first = codes(configs["rtn"], shared)
+    assert len(optimised) == 2
+    for method in ("minmax", "dgq"):
+        del optimised[:]
+        reused = codes(configs[method], shared)
+        assert not optimised, method  # taken from the shared checkpoint
+        own = codes(configs[method])  # its own reconstruction, nothing shared
+        assert len(optimised) == 2
+        assert all(torch.equal(reused[n], first[n]) and torch.equal(own[n], first[n]) for n in layers), method
+    assert any(not torch.equal(first[n], codes(RTNConfig(bits=4, group_size=0))[n]) for n in layers)  # not nearest
+    del optimised[:]
+    codes(configs["minmax"], shared, calibration=_tiny_record(unet, seed=1, calls=2))
+    assert len(optimised) == 2  # another record: reconstructed again
+    assert len([f for f in shared.iterdir() if f.name.startswith("adaround_")]) == 2
+    codes(configs["rtn"], tmp_path / "not_kept", keep=False)
+    assert not list((tmp_path / "not_kept").iterdir())
+
+
 def test_rounding_needs_a_record_and_a_known_choice():
     from helpers.fixtures import tiny_sdxl_unet
     with pytest.raises(LowBitError, match="weight_rounding"):

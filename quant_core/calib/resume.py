@@ -5,7 +5,11 @@ weights, + the calibration record), so a different model, config or record never
 - parts: LowBit files (lowbit.quant_core.fileformat) of finished layers, for methods whose layers are
   independent (`quantize_in_parts`): an interrupt loses at most the part being worked on;
 - state: one safetensors file of a model-running method's own progress (PCR: its observers after each step).
-Every file is written with fileformat.atomic_write. `clear()` removes the folder once the result is safe.
+A run's `shared` checkpoints sit beside its folder under the same root, keyed by what their work depends on rather
+than by the method (AdaRound's codes: weights, grids, record and options), so another method's run that would
+repeat that work takes it from there.
+Every file is written with fileformat.atomic_write. `clear()` removes the folder once the result is safe, and the
+shared ones too unless the run keeps them (`keep_shared`).
 """
 import hashlib
 import json
@@ -39,15 +43,43 @@ def run_key(method: str, method_config: dict, layers: dict, calibration_id: str 
     return h.hexdigest()[:20]
 
 
+def record_digest(calls: list) -> str:
+    """A fingerprint of a calibration record's calls (shapes and a sample of every tensor): two records that
+    differ in content get different digests, whatever path they were loaded from."""
+    h = hashlib.sha256()
+    for call in calls:
+        for key in sorted(call):
+            value = call[key]
+            if isinstance(value, torch.Tensor):
+                flat = value.detach().reshape(-1)
+                step = max(1, flat.numel() // WEIGHT_SAMPLE)
+                h.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+                h.update(flat[::step][:WEIGHT_SAMPLE].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
 class Checkpoint:
-    def __init__(self, folder: str, method: str, method_config: dict):
+    def __init__(self, folder: str, method: str, method_config: dict, calibration_id: str = "",
+                 keep_shared: bool = False):
         self.folder, self.method, self.method_config = folder, method, method_config
+        self.calibration_id, self.keep_shared = calibration_id, keep_shared
+        self.shared_checkpoints = []
 
     @classmethod
-    def for_run(cls, root: str, method: str, method_config: dict, layers: dict, calibration_id: str = ""):
+    def for_run(cls, root: str, method: str, method_config: dict, layers: dict, calibration_id: str = "",
+                keep_shared: bool = False):
         """The checkpoint of this run under `root` (one subfolder per run_key)."""
         key = run_key(method, method_config, layers, calibration_id)
-        return cls(os.path.join(root, f"{method}_{key}"), method, method_config)
+        return cls(os.path.join(root, f"{method}_{key}"), method, method_config, calibration_id, keep_shared)
+
+    def shared(self, work: str, work_config: dict, layers: dict, fingerprint: str) -> "Checkpoint":
+        """A checkpoint beside this one for `work` that other runs can reuse: keyed by `work`, `work_config`, the
+        layers' weights, this run's calibration id and `fingerprint` (whatever else the work depends on), not by
+        the method. Cleared with this one unless the run keeps shared work."""
+        checkpoint = Checkpoint.for_run(os.path.dirname(self.folder), work, work_config, layers,
+                                        f"{self.calibration_id}|{fingerprint}")
+        self.shared_checkpoints.append(checkpoint)
+        return checkpoint
 
     def parts(self) -> list:
         if not os.path.isdir(self.folder):
@@ -87,6 +119,9 @@ class Checkpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.keep_shared:
+            for checkpoint in self.shared_checkpoints:
+                checkpoint.clear()
 
 
 def quantize_in_parts(quantize_chunk, layers: dict, checkpoint: Checkpoint, progress=None) -> dict:

@@ -14,9 +14,11 @@ from typing import Optional
 
 from torch import nn
 
+from ..calib.resume import record_digest
 from ..errors import LowBitError
 from .adaround import reconstruct
 from .gptq import gptq_round
+from .grid import grid_fingerprint
 
 ROUNDINGS = ("nearest", "gptq", "adaround")
 RECONSTRUCTION_INPUTS = ("quantized", "fp")
@@ -46,8 +48,12 @@ def round_weights(unet: Optional[nn.Module], layers: dict, quantized: dict, opti
                   method: str, progress=None, resume=None) -> None:
     """Re-round the codes of `quantized` (name -> int_affine layer built from `layers[name]`, not yet inside
     `unet`) with `options.weight_rounding`, in place. gptq and adaround replay the calibration record's calls on
-    `unet` (which still holds the full-precision `layers`); adaround saves each finished block in `resume` (a
-    lowbit.quant_core.calib.resume.Checkpoint) and takes finished blocks from it."""
+    `unet` (which still holds the full-precision `layers`). With `resume` (the method's
+    lowbit.quant_core.calib.resume.Checkpoint) adaround saves each finished block in a checkpoint shared beside it,
+    keyed by the weights, the grids (`grid_fingerprint`), the record's content and the options rather than by the
+    method, and takes finished blocks from it: an interrupted run resumes, and another method on the same grid
+    (minmax, pcr, dgq and rtn per channel all build per-channel min-max grids) takes the codes instead of
+    reconstructing again while the run keeps shared work."""
     if options.weight_rounding == "nearest" or not quantized:
         return
     if unet is None or calibration is None or len(calibration) == 0:
@@ -58,4 +64,7 @@ def round_weights(unet: Optional[nn.Module], layers: dict, quantized: dict, opti
     if options.weight_rounding == "gptq":
         gptq_round(unet, layers, quantized, calibration.inputs, progress)
     else:
-        reconstruct(unet, layers, quantized, calibration.inputs, options, progress, resume)
+        shared = None if resume is None else resume.shared(
+            "adaround", {"iterations": options.reconstruction_iterations, "inputs": options.reconstruction_inputs},
+            layers, f"{grid_fingerprint(quantized)}|{record_digest(calibration.inputs)}")
+        reconstruct(unet, layers, quantized, calibration.inputs, options, progress, shared)

@@ -25,7 +25,9 @@ Simplifications, said here and in README: the samples of an iteration come from 
 the grid's scales are not learned; activation quantizers are not in the loop. A unit is optimised on a float32
 copy of itself on the UNet's device. Deterministic for the same inputs: calls and samples come from a generator
 seeded by the unit's index. With a `resume` checkpoint every finished unit is
-saved as a part; a resumed run takes the finished units' codes from it and gives identical tensors.
+saved as a part; a resumed run takes the finished units' codes from it and gives identical tensors (codes move
+between layers in matrix-view column order, so a part written by a method that permutes K serves one that does
+not, and back).
 """
 import contextlib
 import copy
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from ..calib.replay import blocks_in_order, replay
-from .grid import Grid, set_codes, stored_codes
+from .grid import Grid, logical_codes, set_codes, set_logical_codes, stored_codes
 
 ZETA, GAMMA = 1.1, -0.1
 LEARNING_RATE = 1e-2
@@ -195,8 +197,8 @@ def reconstruct(unet: nn.Module, layers: dict, quantized: dict, calls: list, opt
     for index, (unit_name, unit_layers) in enumerate(units.items()):
         unit = unet.get_submodule(unit_name)
         if all(name in finished for name in unit_layers):
-            for name in unit_layers:
-                set_codes(quantized[name], stored_codes(finished[name]))
+            for name in unit_layers:  # in matrix-view order: the part may come from a method that permutes K
+                set_logical_codes(quantized[name], logical_codes(finished[name]).to(quantized[name].qweight.device))
         else:
             targets = capture(unet, unit, calls, outputs=True)
             inputs = targets

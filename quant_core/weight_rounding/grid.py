@@ -1,4 +1,5 @@
 """A quantized int_affine layer's grid beside the full-precision weight: what every rounding works on."""
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,3 +61,35 @@ def set_codes(layer, codes: torch.Tensor) -> None:
 
 def stored_codes(layer) -> torch.Tensor:
     return unpack_bits(layer.qweight.detach(), layer.params["bits"], layer.in_features).float()
+
+
+def _perm(layer) -> Optional[torch.Tensor]:
+    perm = getattr(layer, "act_in_perm", None)
+    return None if perm is None else perm.detach().long()
+
+
+def logical_codes(layer) -> torch.Tensor:
+    """The layer's codes [out, K] in matrix-view column order, whatever order it stores K in (DGQ permutes)."""
+    codes, perm = stored_codes(layer), _perm(layer)
+    return codes if perm is None else codes[:, torch.argsort(perm.to(codes.device))]
+
+
+def set_logical_codes(layer, codes: torch.Tensor) -> None:
+    """Store `codes` given in matrix-view column order into the layer (in its own column order)."""
+    perm = _perm(layer)
+    set_codes(layer, codes if perm is None else codes[:, perm.to(codes.device)])
+
+
+def grid_fingerprint(layers: dict) -> str:
+    """What a rounding's result depends on besides the weights: every layer's bits, group size, scales and zero
+    points, in matrix-view column order. Per-channel grids do not depend on a column permutation, so DGQ's
+    permuted layers share the fingerprint of the same grid unpermuted; grouped ones include the permutation."""
+    h = hashlib.sha256()
+    for name, layer in layers.items():
+        h.update(f"{name}:{layer.params['bits']}:{layer.params['group_size']}".encode())
+        for t in (layer.scale, layer.zero):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        perm = _perm(layer)
+        if perm is not None and layer.params["group_size"]:
+            h.update(perm.cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
