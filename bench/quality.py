@@ -105,12 +105,13 @@ class Testbed:
         """Calibration record of the fp model on other in-domain prompts (its settings name them)."""
         from ..quant_core.calib.record import record_unet_calls
         from ..testbed.data import in_domain_prompts
+        from ..testbed.sample import CALL_CHUNKS
         prompts = in_domain_prompts(n_prompts, self.seed + 1000)
         record = record_unet_calls(self.unet, lambda: self.sample(self.unet, prompts, self.seed + 1000),
                                    {"prompts": prompts, "steps": self.steps, "cfg": self.cfg, "seed": self.seed + 1000})
-        # the testbed sampler sends cond then uncond rows in one call: label them as ComfyUI's transformer_options
-        # would, so the record's trajectories re-run with CFG (VQ's distillation samples them)
-        record.cond_or_uncond = [[0, 1]] * len(record)
+        # labelled as ComfyUI's transformer_options would, so the record's trajectories re-run with CFG (VQ's
+        # distillation samples them)
+        record.cond_or_uncond = [CALL_CHUNKS] * len(record)
         return record
 
     def calibration_sampler(self, calibration):

@@ -24,14 +24,13 @@ layers kept in 16 bits); a method returns quantized layers only, and a MODEL's 1
 source MODEL, so here they stay as they are. The paper's schedule (4 epochs × 512 prompts × 50 steps, lr 1e-6)
 is scaled to the record: `epochs` passes over its conditioning.
 """
-from contextlib import contextmanager
 import torch
 from torch import nn
 
 from . import ops
 from .calib.trajectory import discrete_sigmas, run_trajectories, sigma_of
 from .errors import LowBitError
-from .qlayers import swap_modules
+from .qlayers import swapped
 
 ADAM_BETAS = (0.9, 0.95)
 
@@ -39,16 +38,6 @@ ADAM_BETAS = (0.9, 0.95)
 def denoised_error_weights(timesteps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """σ²/(σ²+1) per row (module docstring), σ from ComfyUI's timestep convention."""
     return torch.tensor([(s := sigma_of(float(t), sigmas)) ** 2 / (s ** 2 + 1) for t in timesteps.reshape(-1)])
-
-
-@contextmanager
-def swapped(unet: nn.Module, modules: dict):
-    """`unet` with `modules` (name -> module) in place, restored afterwards."""
-    replaced = swap_modules(unet, modules)
-    try:
-        yield
-    finally:
-        swap_modules(unet, replaced)
 
 
 def _row_chunks(inputs: dict, rows: int, batch_rows: int):

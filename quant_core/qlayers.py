@@ -14,6 +14,7 @@ A zero-element `weight` buffer makes `<layer>.weight` appear in `state_dict()`, 
 their weight keys (LoRA key maps) see quantized layers, while memory accounting stays true.
 """
 import math
+from contextlib import contextmanager
 from typing import Mapping, Optional
 
 import torch
@@ -151,6 +152,16 @@ def swap_modules(root: nn.Module, modules: dict) -> dict:
         replaced[name] = root.get_submodule(name)
         set_submodule(root, name, module)
     return replaced
+
+
+@contextmanager
+def swapped(root: nn.Module, modules: dict):
+    """`root` with `modules` (name -> module) in place, restored afterwards."""
+    replaced = swap_modules(root, modules)
+    try:
+        yield
+    finally:
+        swap_modules(root, replaced)
 
 
 def quantized_layers(model: nn.Module) -> dict:

@@ -51,6 +51,10 @@ def initial_noise(n: int, seed: int, image_size: int = 32) -> torch.Tensor:
     return unfold_latent(torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed)))
 
 
+# ComfyUI's cond_or_uncond labels (0 cond, 1 uncond) of every UNet call `sample` makes: cond rows, then uncond rows
+CALL_CHUNKS = [0, 1]
+
+
 @torch.no_grad()
 def sample(unet: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer, prompts: list[str], seed: int = 0,
            steps: int = 20, cfg: float = 5.0, negative: str = "", image_size: int = 32,

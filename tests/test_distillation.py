@@ -44,14 +44,14 @@ def test_distillation_lowers_the_error_on_unseen_prompts():
     from lowbit.testbed.data import held_out_prompts, in_domain_prompts
     from lowbit.testbed.metrics import psnr
     from lowbit.testbed.model import load_testbed
-    from lowbit.testbed.sample import sample
+    from lowbit.testbed.sample import CALL_CHUNKS, sample
     torch.set_num_threads(1)
     unet, text_encoder, tokenizer, _ = load_testbed()
     steps, cfg = 8, 5.0
     prompts = in_domain_prompts(8, 1000)
     record = record_unet_calls(unet, lambda: sample(unet, text_encoder, tokenizer, prompts, 1000, steps, cfg),
                                {"cfg": cfg})
-    record.cond_or_uncond = [[0, 1]] * len(record)  # the testbed sampler batches cond, then uncond
+    record.cond_or_uncond = [CALL_CHUNKS] * len(record)
     held_out = held_out_prompts(8, 7)
     reference = sample(unet, text_encoder, tokenizer, held_out, 7, steps, cfg)
 

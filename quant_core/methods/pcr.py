@@ -43,7 +43,7 @@ from ..actquant.params import single_range
 from ..calib.statistics import observing
 from ..errors import LowBitError
 from ..layouts.int_affine import affine_params
-from ..qlayers import matrix_view, swap_modules
+from ..qlayers import matrix_view, swapped
 from ..weight_rounding import RoundingOptions, round_weights
 from .base import Method, register_method
 
@@ -244,15 +244,12 @@ class PCR(Method):
                   + (f" over {len(prompts)} prompts" if isinstance(prompts, list) else ""), file=sys.stderr,
                   flush=True)
             bind(unet)
-            originals = swap_modules(unet, result)
-            try:
+            with swapped(unet, result):
                 for t in range(done + 1, n_steps + 1):
                     _refit_step(unet, result, observers, sampler, tracker, t - 1, bits[t - 1], order.index(t - 1))
                     if resume is not None:
                         _save_state(resume, fingerprint, t, tracker.timesteps, observers)
                     if progress:
                         progress(1 + t, total, f"progressive step {t}/{n_steps}")
-            finally:
-                swap_modules(unet, originals)
         bind(unet)
         return result
