@@ -23,6 +23,7 @@ def add_method_options(parser) -> None:
     parser.add_argument("--reconstruction-iterations", type=int, default=2000, help="adaround: steps per UNet block")
     parser.add_argument("--reconstruction-inputs", default="quantized", choices=("quantized", "fp"),
                         help="adaround: block inputs with earlier blocks quantized, or full precision")
+    parser.add_argument("--learn-scales", action="store_true", help="adaround: learn the grid's scales as well")
 
 
 def method_config(args):
@@ -30,7 +31,7 @@ def method_config(args):
     from .quant_core.methods import config_from
     rounding = {"weight_rounding": args.weight_rounding,
                 "reconstruction_iterations": args.reconstruction_iterations,
-                "reconstruction_inputs": args.reconstruction_inputs}
+                "reconstruction_inputs": args.reconstruction_inputs, "learn_scales": args.learn_scales}
     if args.method == "rtn":
         return config_from("rtn", bits=args.bits, group_size=args.group_size, range_search=args.range_search,
                            **rounding)

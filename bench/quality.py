@@ -232,6 +232,7 @@ def add_common_arguments(p):
     p.add_argument("--reconstruction-iterations", type=int, default=2000, help="adaround: steps per UNet block")
     p.add_argument("--reconstruction-inputs", default="quantized", choices=("quantized", "fp"),
                    help="adaround: block inputs with earlier blocks quantized, or full precision")
+    p.add_argument("--learn-scales", action="store_true", help="adaround: learn the grid's scales as well")
     p.add_argument("--rounding-cache", default=str(ROUNDING_CACHE),
                    help="adaround: folder keeping the reconstructed codes, keyed by weights, grids, record and "
                    "options; every method and run on the same grid takes them from there (delete it to redo)")
@@ -247,16 +248,17 @@ def rounding_options(args) -> dict:
     if args.weight_rounding == "nearest":
         return {}
     return {"weight_rounding": args.weight_rounding, "reconstruction_iterations": args.reconstruction_iterations,
-            "reconstruction_inputs": args.reconstruction_inputs}
+            "reconstruction_inputs": args.reconstruction_inputs, "learn_scales": args.learn_scales}
 
 
 def rounding_suffix(args) -> str:
     """File-name suffix of a rounding other than nearest: _gptq, _adaround (2000 iterations, quantized inputs),
-    _adaround500_fp, ..."""
+    _adaround500_fp, _adaround_scales (learned scales), ..."""
     if args.weight_rounding != "adaround":
         return "" if args.weight_rounding == "nearest" else f"_{args.weight_rounding}"
     return ("_adaround" + ("" if args.reconstruction_iterations == 2000 else str(args.reconstruction_iterations))
-            + ("" if args.reconstruction_inputs == "quantized" else f"_{args.reconstruction_inputs}"))
+            + ("" if args.reconstruction_inputs == "quantized" else f"_{args.reconstruction_inputs}")
+            + ("_scales" if args.learn_scales else ""))
 
 
 def add_arguments(p):

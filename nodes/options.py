@@ -41,12 +41,15 @@ def _rounding_inputs():
         io.Combo.Input("reconstruction_inputs", options=list(RECONSTRUCTION_INPUTS), default="quantized",
                        tooltip="adaround: block inputs from the model with earlier blocks already quantized "
                                "(later blocks learn to absorb earlier errors) or from the full-precision model."),
+        io.Boolean.Input("learn_scales", default=False,
+                         tooltip="adaround: also learn each weight row's (or group's) scale with the rounding; "
+                                 "same file size and speed."),
     ]
 
 
-def _rounding(weight_rounding, reconstruction_iterations, reconstruction_inputs) -> dict:
+def _rounding(weight_rounding, reconstruction_iterations, reconstruction_inputs, learn_scales) -> dict:
     return {"weight_rounding": weight_rounding, "reconstruction_iterations": reconstruction_iterations,
-            "reconstruction_inputs": reconstruction_inputs}
+            "reconstruction_inputs": reconstruction_inputs, "learn_scales": learn_scales}
 
 
 def _output():
@@ -122,13 +125,13 @@ class LowBitDGQOptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, bits, groups, range_search, quantize_attention, weight_rounding, reconstruction_iterations,
-                reconstruction_inputs, layers) -> io.NodeOutput:
+                reconstruction_inputs, learn_scales, layers) -> io.NodeOutput:
         weight_bits, act_bits = parse_bits_spec(bits)
         return io.NodeOutput(QuantOptions("dgq", {"weight_bits": weight_bits, "act_bits": act_bits,
                                                   "groups": int(groups), "range_search": range_search,
                                                   "quantize_attention": quantize_attention,
                                                   **_rounding(weight_rounding, reconstruction_iterations,
-                                                              reconstruction_inputs)}, layers))
+                                                              reconstruction_inputs, learn_scales)}, layers))
 
 
 class LowBitPCROptions(io.ComfyNode):
@@ -160,13 +163,13 @@ class LowBitPCROptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, bits, progressive, relax, relax_fraction, weight_rounding, reconstruction_iterations,
-                reconstruction_inputs, layers) -> io.NodeOutput:
+                reconstruction_inputs, learn_scales, layers) -> io.NodeOutput:
         weight_bits, act_bits = parse_bits_spec(bits)
         return io.NodeOutput(QuantOptions("pcr", {"weight_bits": weight_bits, "act_bits": act_bits,
                                                   "progressive": progressive, "relax": relax,
                                                   "relax_fraction": relax_fraction,
                                                   **_rounding(weight_rounding, reconstruction_iterations,
-                                                              reconstruction_inputs)}, layers))
+                                                              reconstruction_inputs, learn_scales)}, layers))
 
 
 class LowBitRoundingOptions(io.ComfyNode):
@@ -189,10 +192,10 @@ class LowBitRoundingOptions(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, method, weight_rounding, reconstruction_iterations, reconstruction_inputs,
+    def execute(cls, method, weight_rounding, reconstruction_iterations, reconstruction_inputs, learn_scales,
                 layers) -> io.NodeOutput:
         return io.NodeOutput(QuantOptions(method, _rounding(weight_rounding, reconstruction_iterations,
-                                                            reconstruction_inputs), layers))
+                                                            reconstruction_inputs, learn_scales), layers))
 
 
 OPTION_NODES = [LowBitVQOptions, LowBitDGQOptions, LowBitPCROptions, LowBitRoundingOptions]

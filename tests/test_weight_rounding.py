@@ -55,6 +55,38 @@ def test_adaround_lowers_held_out_layer_output_error_against_nearest():
     assert (stored_codes(learned) - stored_codes(nearest)).abs().max() <= 1
 
 
+def test_learned_scales_keep_the_grid_shape_and_do_not_lose_to_fixed_scales(tmp_path, monkeypatch):
+    """learn_scales on the same 3-bit layer: the scales move (min-max ranges are not the output-error optimum),
+    zero points and codes' neighbourhood stay, and the held-out output error is no worse than AdaRound's on the
+    fixed grid (measured 0.991x at 3 bits; small, as scale learning on top of AdaRound is in the literature;
+    1.0x demanded: learning must not cost accuracy) and far below nearest's. A second run that takes the
+    reconstruction from the shared checkpoint gets the same scales."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    net = _TwoLayers().requires_grad_(False)
+    record = CalibrationRecord([{"x": _correlated_inputs(128, seed)} for seed in range(8)])
+    layers = {"fc1": net.fc1}
+    rounding = dict(bits=3, group_size=0, weight_rounding="adaround", reconstruction_iterations=400)
+    nearest = quantize_layers_of(net, layers, RTNConfig(bits=3, group_size=0), record)["fc1"]
+    fixed = quantize_layers_of(net, layers, RTNConfig(**rounding), record)["fc1"]
+    options = {"resume": str(tmp_path), "keep_rounding": True}
+    learned = quantize_layers_of(net, layers, RTNConfig(**rounding, learn_scales=True), record, **options)["fc1"]
+    from lowbit.quant_core.weight_rounding import adaround
+    monkeypatch.setattr(adaround, "optimise_unit", None)  # the second run must take everything from the checkpoint
+    again = quantize_layers_of(net, layers, RTNConfig(**rounding, learn_scales=True), record, **options)["fc1"]
+    assert torch.equal(learned.zero, nearest.zero) and not torch.equal(learned.scale, nearest.scale)
+    assert float((learned.scale.float() / nearest.scale.float()).log().abs().max()) < 0.5
+    assert (stored_codes(learned) - stored_codes(nearest)).abs().max() <= 1
+    assert torch.equal(again.scale, learned.scale) and torch.equal(again.qweight, learned.qweight)
+    x = _correlated_inputs(2048, seed=1000)
+    reference = net.fc1(x)
+    error = {name: float((layer(x) - reference).pow(2).mean()) for name, layer in
+             (("nearest", nearest), ("fixed", fixed), ("learned", learned))}
+    assert error["learned"] <= error["fixed"] and error["learned"] < 0.6 * error["nearest"], error
+    with pytest.raises(LowBitError, match="learn_scales"):
+        RTNConfig(weight_rounding="gptq", learn_scales=True)
+
+
 def test_regulariser_schedule_and_units():
     assert beta_at(0, 100) == beta_at(20, 100) == 20.0 and beta_at(100, 100) == 2.0
     assert beta_at(60, 100) == pytest.approx(11.0)

@@ -29,10 +29,12 @@ class RoundingOptions:
     """How an int_affine method rounds its weights (module docstring). adaround: `reconstruction_iterations`
     optimiser steps per block (the seeds use 2 000), block inputs from the model with the earlier blocks already
     quantized ("quantized", BRECQ's setting) or from the full-precision model ("fp"); targets are always the
-    full-precision block's outputs."""
+    full-precision block's outputs; `learn_scales` learns the grid's scales with the rounding (stored in place of
+    the min-max ones: same file format and bits)."""
     weight_rounding: str = "nearest"
     reconstruction_iterations: int = 2000
     reconstruction_inputs: str = "quantized"
+    learn_scales: bool = False  # adaround: learn the grid's scales with the rounding
 
     def check_rounding(self, method: str) -> None:
         if self.weight_rounding not in ROUNDINGS:
@@ -42,6 +44,9 @@ class RoundingOptions:
         if self.reconstruction_inputs not in RECONSTRUCTION_INPUTS:
             raise LowBitError(f"{method}: reconstruction_inputs must be one of {RECONSTRUCTION_INPUTS} "
                               f"(got {self.reconstruction_inputs!r})")
+        if self.learn_scales and self.weight_rounding != "adaround":
+            raise LowBitError(f"{method}: learn_scales is part of block reconstruction: set "
+                              f"weight_rounding='adaround' (got {self.weight_rounding!r}) or learn_scales=False")
 
 
 def round_weights(unet: Optional[nn.Module], layers: dict, quantized: dict, options: RoundingOptions, calibration,
@@ -65,6 +70,7 @@ def round_weights(unet: Optional[nn.Module], layers: dict, quantized: dict, opti
         gptq_round(unet, layers, quantized, calibration.inputs, progress)
     else:
         shared = None if resume is None else resume.shared(
-            "adaround", {"iterations": options.reconstruction_iterations, "inputs": options.reconstruction_inputs},
+            "adaround", {"iterations": options.reconstruction_iterations, "inputs": options.reconstruction_inputs,
+                         **({"learn_scales": True} if options.learn_scales else {})},
             layers, f"{grid_fingerprint(quantized)}|{record_digest(calibration.inputs)}")
         reconstruct(unet, layers, quantized, calibration.inputs, options, progress, shared)

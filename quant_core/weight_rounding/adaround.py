@@ -19,10 +19,14 @@ final rounded weights (BRECQ's setting: later blocks learn to absorb earlier err
 full-precision one; the targets are always the full-precision unit's outputs on full-precision inputs.
 Activations stay in full precision during reconstruction (the seeds' setting).
 
+With `learn_scales` the grid's scales (one per row, or per row and group) are learned as well, as
+s·exp(u) with u starting at 0 and its own Adam step size (SCALE_LEARNING_RATE, multiplicative, like LSQ's small
+step-size rate); zero points and the code range stay, the learned scale is stored in the layer's fp16.
+
 Each iteration takes one recorded call and at most BATCH (32, BRECQ's batch) of its samples: every tensor argument
 whose first dimension is the call's batch is indexed alike (ComfyUI's per-call options are not per sample).
 Simplifications, said here and in README: the samples of an iteration come from one call, not from across calls;
-the grid's scales are not learned; activation quantizers are not in the loop. A unit is optimised on a float32
+activation quantizers are not in the loop. A unit is optimised on a float32
 copy of itself on the UNet's device. Deterministic for the same inputs: calls and samples come from a generator
 seeded by the unit's index. With a `resume` checkpoint every finished unit is
 saved as a part; a resumed run takes the finished units' codes from it and gives identical tensors (codes move
@@ -36,10 +40,11 @@ import torch
 from torch import nn
 
 from ..calib.replay import blocks_in_order, replay
-from .grid import Grid, logical_codes, set_codes, set_logical_codes, stored_codes
+from .grid import Grid, logical_codes, set_codes, set_logical_codes, set_scale, stored_codes
 
 ZETA, GAMMA = 1.1, -0.1
 LEARNING_RATE = 1e-2
+SCALE_LEARNING_RATE = 1e-3  # on the log of each scale
 ROUNDING_WEIGHT = 0.01
 BETA_START, BETA_END = 20.0, 2.0
 WARMUP = 0.2
@@ -71,17 +76,23 @@ def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
 
 
 class SoftRounding:
-    """One layer's learnable rounding on its grid."""
+    """One layer's learnable rounding on its grid, and optionally its learnable scales."""
 
-    def __init__(self, grid: Grid):
+    def __init__(self, grid: Grid, learn_scale: bool = False):
         self.grid = grid
         scaled = grid.weight / grid.scale
         self.floor = scaled.floor()
         p = ((scaled - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
         self.v = torch.log(p / (1 - p)).requires_grad_(True)
+        self.log_scale = torch.zeros_like(grid.group_scale).requires_grad_(True) if learn_scale else None
+
+    def group_scale(self):
+        """The learned scales [out, G], None when they are not learned."""
+        return None if self.log_scale is None else self.grid.group_scale * self.log_scale.exp()
 
     def soft_weight(self) -> torch.Tensor:
-        return self.grid.dense((self.floor + rectified_sigmoid(self.v) + self.grid.zero).clamp(0, self.grid.qmax))
+        return self.grid.dense((self.floor + rectified_sigmoid(self.v) + self.grid.zero).clamp(0, self.grid.qmax),
+                               self.group_scale())
 
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1 - (2 * rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
@@ -158,13 +169,17 @@ def _to_float(value, device, rows, batch):
 
 
 def optimise_unit(unit: nn.Module, unit_name: str, grids: dict, samples: list, iterations: int,
-                  seed: int, progress=None) -> dict:
-    """{layer: codes} of the unit's layers after AdaRound on `samples` [(args, kwargs, target)]."""
+                  seed: int, progress=None, learn_scales: bool = False) -> dict:
+    """{layer: (codes, learned [out, G] scales or None)} of the unit's layers after AdaRound on `samples`
+    [(args, kwargs, target)]."""
     device = next(iter(grids.values())).weight.device
     student = copy.deepcopy(unit).float().requires_grad_(False)
-    soft = {name: SoftRounding(grid) for name, grid in grids.items()}
+    soft = {name: SoftRounding(grid, learn_scales) for name, grid in grids.items()}
     keys = {name: (name[len(unit_name) + 1:] + "." if name != unit_name else "") + "weight" for name in grids}
-    optimiser = torch.optim.Adam([s.v for s in soft.values()], lr=LEARNING_RATE)
+    groups = [{"params": [s.v for s in soft.values()], "lr": LEARNING_RATE}]
+    if learn_scales:
+        groups.append({"params": [s.log_scale for s in soft.values()], "lr": SCALE_LEARNING_RATE})
+    optimiser = torch.optim.Adam(groups)
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         for it in range(iterations):
@@ -184,7 +199,7 @@ def optimise_unit(unit: nn.Module, unit_name: str, grids: dict, samples: list, i
             optimiser.step()
             if progress and (it + 1) % PROGRESS_EVERY == 0:
                 progress(it + 1, iterations)
-    return {name: s.codes() for name, s in soft.items()}
+    return {name: (s.codes(), None if s.log_scale is None else s.group_scale().detach()) for name, s in soft.items()}
 
 
 def reconstruct(unet: nn.Module, layers: dict, quantized: dict, calls: list, options, progress=None,
@@ -199,6 +214,8 @@ def reconstruct(unet: nn.Module, layers: dict, quantized: dict, calls: list, opt
         if all(name in finished for name in unit_layers):
             for name in unit_layers:  # in matrix-view order: the part may come from a method that permutes K
                 set_logical_codes(quantized[name], logical_codes(finished[name]).to(quantized[name].qweight.device))
+                if options.learn_scales:  # per-channel, or grouped with the same permutation (grid_fingerprint)
+                    set_scale(quantized[name], finished[name].scale)
         else:
             targets = capture(unet, unit, calls, outputs=True)
             inputs = targets
@@ -211,10 +228,12 @@ def reconstruct(unet: nn.Module, layers: dict, quantized: dict, calls: list, opt
                     if progress:
                         progress(index, len(units), f"adaround {unit_name}: iteration {it}/{total}")
                 grids = {name: Grid.of(module, quantized[name]) for name, module in unit_layers.items()}
-                codes = optimise_unit(unit, unit_name, grids, samples, options.reconstruction_iterations,
-                                      seed=index, progress=unit_progress)
-                for name, c in codes.items():
-                    set_codes(quantized[name], c)
+                learned = optimise_unit(unit, unit_name, grids, samples, options.reconstruction_iterations,
+                                        seed=index, progress=unit_progress, learn_scales=options.learn_scales)
+                for name, (codes, scale) in learned.items():
+                    set_codes(quantized[name], codes)
+                    if scale is not None:
+                        set_scale(quantized[name], scale)
             if resume is not None:
                 resume.save_part({name: quantized[name] for name in unit_layers})
         done.update(unit_layers)

@@ -22,6 +22,8 @@ class Grid:
     bits: int
     perm: Optional[torch.Tensor]
     weight_shape: torch.Size
+    column_group: torch.Tensor  # [K]: the group of each stored column (index into group_scale)
+    group_scale: torch.Tensor   # [out, G]: the scales as the layer stores them, one per row and group
 
     @classmethod
     def of(cls, module: nn.Module, layer) -> "Grid":
@@ -34,9 +36,9 @@ class Grid:
             w = w[:, perm]
         k, group = w.shape[1], layer.params["group_size"]
         column_group = torch.arange(k, device=w.device) // (group or k)
-        return cls(w, layer.scale.detach().float().to(w.device)[:, column_group],
-                   layer.zero.detach().float().to(w.device)[:, column_group], layer.params["bits"], perm,
-                   module.weight.shape)
+        group_scale = layer.scale.detach().float().to(w.device)
+        return cls(w, group_scale[:, column_group], layer.zero.detach().float().to(w.device)[:, column_group],
+                   layer.params["bits"], perm, module.weight.shape, column_group, group_scale)
 
     @property
     def qmax(self) -> int:
@@ -46,9 +48,11 @@ class Grid:
         """Round-to-nearest codes, as lowbit.quant_core.layouts.int_affine.quantize_int_affine gives them."""
         return (self.weight / self.scale).round().add(self.zero).clamp(0, self.qmax)
 
-    def dense(self, codes: torch.Tensor) -> torch.Tensor:
-        """The weight in its logical shape (fp32) that `codes` ([out, K], stored order) decode to."""
-        m = (codes - self.zero) * self.scale
+    def dense(self, codes: torch.Tensor, group_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight in its logical shape (fp32) that `codes` ([out, K], stored order) decode to, on the grid's
+        scales or on `group_scale` ([out, G], one per row and group, as the layer stores them)."""
+        scale = self.scale if group_scale is None else group_scale[:, self.column_group]
+        m = (codes - self.zero) * scale
         if self.perm is not None:
             m = m[:, torch.argsort(self.perm)]
         return weight_from_matrix(m, self.weight_shape)
@@ -57,6 +61,11 @@ class Grid:
 def set_codes(layer, codes: torch.Tensor) -> None:
     """Store `codes` ([out, K] in stored order, integral floats) as the layer's packed qweight, in place."""
     layer.qweight.data.copy_(pack_bits(codes.to(torch.uint8), layer.params["bits"]).to(layer.qweight.device))
+
+
+def set_scale(layer, group_scale: torch.Tensor) -> None:
+    """Store `group_scale` ([out, G]) as the layer's scale, in its storage dtype, in place."""
+    layer.scale.data.copy_(group_scale.to(layer.scale.dtype).to(layer.scale.device))
 
 
 def stored_codes(layer) -> torch.Tensor:
