@@ -44,9 +44,10 @@ ROUNDED_METHODS = ("rtn", "minmax", "dgq", "dgq_fp_attention", "pcr")  # int_aff
 
 
 def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None, rtn_group_size: int = 128,
-                  fast: bool = False):
+                  fast: bool = False, distill_epochs=None):
     """(config, note) of `method` at the setting; config None when the method does not apply. `rounding`: the
-    RoundingOptions fields for the int_affine methods (lowbit.quant_core.weight_rounding)."""
+    RoundingOptions fields for the int_affine methods (lowbit.quant_core.weight_rounding); `distill_epochs`: vq's,
+    None for the options node's default."""
     from ..quant_core.methods import config_from
     rounding = rounding or {}
     if method == "rtn":
@@ -56,8 +57,10 @@ def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None
         from ..quant_core.methods.vq import FAST
         codebooks = min((2, 3, 4), key=lambda m: abs(m - weight_bits))  # m codebooks: m code bits per weight
         if not fast:
-            return config_from("vq", num_codebooks=codebooks), \
-                f"weight-only, nearest format {codebooks}x8g8, the options node's defaults (with distillation)"
+            epochs = {} if distill_epochs is None else {"distill_epochs": distill_epochs}
+            return config_from("vq", num_codebooks=codebooks, **epochs), \
+                f"weight-only, nearest format {codebooks}x8g8, the options node's defaults (with distillation" \
+                + ("" if distill_epochs is None else f", {distill_epochs} epochs") + ")"
         # --fast: the options node's fast switch (no distillation, one beam round) to fit the demo's CPU budget
         return config_from("vq", num_codebooks=codebooks, **FAST), \
             f"weight-only, nearest format {codebooks}x8g8, FAST: no distillation, shortened search {FAST}, XᵀX " \
@@ -268,6 +271,8 @@ def add_arguments(p):
     p.add_argument("--fast", action="store_true", help="vq: the options node's fast switch (no distillation, "
                    "shortened codebook search) and XᵀX from every 4th calibration sample (the demo's budget); rows "
                    "say so")
+    p.add_argument("--distill-epochs", type=int, default=None,
+                   help="vq: distillation epochs instead of the options node's default (file name gets _distillN)")
     add_common_arguments(p)
 
 
@@ -279,8 +284,9 @@ def run(args):
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHOD_NAMES + EXTRA_METHODS)}")
     group = "" if args.rtn_group_size == 128 else f"_g{args.rtn_group_size}"
     fast = "_fast" if args.fast and "vq" in methods else ""
+    distill = "" if args.distill_epochs is None or "vq" not in methods else f"_distill{args.distill_epochs}"
     path, grid = output_paths(args.out, f"quality_{args.bits.upper()}_seed{args.seed}{group}{rounding_suffix(args)}"
-                                        f"{fast}")
+                                        f"{fast}{distill}")
     start = time.perf_counter()
     testbed = load_testbed_run(args.n, args.seed, args.steps, args.cfg)
     reference = testbed.samples(testbed.unet)
@@ -291,7 +297,7 @@ def run(args):
     for method in methods:
         config, note = method_config(method, weight_bits, act_bits,
                                      rounding_options(args) if method in ROUNDED_METHODS else None,
-                                     args.rtn_group_size, args.fast)
+                                     args.rtn_group_size, args.fast, args.distill_epochs)
         if config is None:
             skipped[method] = note
             print(f"skipping {method}: {note}", file=sys.stderr)
