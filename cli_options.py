@@ -24,6 +24,8 @@ def add_method_options(parser) -> None:
     parser.add_argument("--reconstruction-inputs", default="quantized", choices=("quantized", "fp"),
                         help="adaround: block inputs with earlier blocks quantized, or full precision")
     parser.add_argument("--learn-scales", action="store_true", help="adaround: learn the grid's scales as well")
+    parser.add_argument("--activations-in-loop", action="store_true",
+                        help="adaround with minmax/dgq/pcr: their activation quantizers run during the optimisation")
 
 
 def method_config(args):
@@ -31,7 +33,8 @@ def method_config(args):
     from .quant_core.methods import config_from
     rounding = {"weight_rounding": args.weight_rounding,
                 "reconstruction_iterations": args.reconstruction_iterations,
-                "reconstruction_inputs": args.reconstruction_inputs, "learn_scales": args.learn_scales}
+                "reconstruction_inputs": args.reconstruction_inputs, "learn_scales": args.learn_scales,
+                "activations_in_loop": args.activations_in_loop}
     if args.method == "rtn":
         return config_from("rtn", bits=args.bits, group_size=args.group_size, range_search=args.range_search,
                            **rounding)

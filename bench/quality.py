@@ -236,6 +236,8 @@ def add_common_arguments(p):
     p.add_argument("--reconstruction-inputs", default="quantized", choices=("quantized", "fp"),
                    help="adaround: block inputs with earlier blocks quantized, or full precision")
     p.add_argument("--learn-scales", action="store_true", help="adaround: learn the grid's scales as well")
+    p.add_argument("--activations-in-loop", action="store_true",
+                   help="adaround: the activation methods' quantizers run during the optimisation (rtn skips it)")
     p.add_argument("--rounding-cache", default=str(ROUNDING_CACHE),
                    help="adaround: folder keeping the reconstructed codes, keyed by weights, grids, record and "
                    "options; every method and run on the same grid takes them from there (delete it to redo)")
@@ -251,17 +253,27 @@ def rounding_options(args) -> dict:
     if args.weight_rounding == "nearest":
         return {}
     return {"weight_rounding": args.weight_rounding, "reconstruction_iterations": args.reconstruction_iterations,
-            "reconstruction_inputs": args.reconstruction_inputs, "learn_scales": args.learn_scales}
+            "reconstruction_inputs": args.reconstruction_inputs, "learn_scales": args.learn_scales,
+            "activations_in_loop": args.activations_in_loop}
+
+
+def method_rounding(method: str, args):
+    """The RoundingOptions fields for `method` (None for methods that do not round on a grid); rtn quantizes no
+    activations, so it runs --activations-in-loop without them."""
+    if method not in ROUNDED_METHODS:
+        return None
+    options = rounding_options(args)
+    return {**options, "activations_in_loop": False} if method == "rtn" and options else options
 
 
 def rounding_suffix(args) -> str:
     """File-name suffix of a rounding other than nearest: _gptq, _adaround (2000 iterations, quantized inputs),
-    _adaround500_fp, _adaround_scales (learned scales), ..."""
+    _adaround500_fp, _adaround_scales (learned scales), _adaround_actloop (activations in the loop), ..."""
     if args.weight_rounding != "adaround":
         return "" if args.weight_rounding == "nearest" else f"_{args.weight_rounding}"
     return ("_adaround" + ("" if args.reconstruction_iterations == 2000 else str(args.reconstruction_iterations))
             + ("" if args.reconstruction_inputs == "quantized" else f"_{args.reconstruction_inputs}")
-            + ("_scales" if args.learn_scales else ""))
+            + ("_scales" if args.learn_scales else "") + ("_actloop" if args.activations_in_loop else ""))
 
 
 def add_arguments(p):
@@ -296,7 +308,7 @@ def run(args):
     calibration = None
     for method in methods:
         config, note = method_config(method, weight_bits, act_bits,
-                                     rounding_options(args) if method in ROUNDED_METHODS else None,
+                                     method_rounding(method, args),
                                      args.rtn_group_size, args.fast, args.distill_epochs)
         if config is None:
             skipped[method] = note

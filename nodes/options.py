@@ -44,12 +44,18 @@ def _rounding_inputs():
         io.Boolean.Input("learn_scales", default=False,
                          tooltip="adaround: also learn each weight row's (or group's) scale with the rounding; "
                                  "same file size and speed."),
+        io.Boolean.Input("activations_in_loop", default=False,
+                         tooltip="adaround, for methods that quantize activations (minmax, dgq, pcr): run their "
+                                 "activation quantizers while learning the rounding (off: activations in full "
+                                 "precision, the papers' setting)."),
     ]
 
 
-def _rounding(weight_rounding, reconstruction_iterations, reconstruction_inputs, learn_scales) -> dict:
+def _rounding(weight_rounding, reconstruction_iterations, reconstruction_inputs, learn_scales,
+              activations_in_loop) -> dict:
     return {"weight_rounding": weight_rounding, "reconstruction_iterations": reconstruction_iterations,
-            "reconstruction_inputs": reconstruction_inputs, "learn_scales": learn_scales}
+            "reconstruction_inputs": reconstruction_inputs, "learn_scales": learn_scales,
+            "activations_in_loop": activations_in_loop}
 
 
 def _output():
@@ -125,13 +131,13 @@ class LowBitDGQOptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, bits, groups, range_search, quantize_attention, weight_rounding, reconstruction_iterations,
-                reconstruction_inputs, learn_scales, layers) -> io.NodeOutput:
+                reconstruction_inputs, learn_scales, activations_in_loop, layers) -> io.NodeOutput:
         weight_bits, act_bits = parse_bits_spec(bits)
         return io.NodeOutput(QuantOptions("dgq", {"weight_bits": weight_bits, "act_bits": act_bits,
                                                   "groups": int(groups), "range_search": range_search,
                                                   "quantize_attention": quantize_attention,
                                                   **_rounding(weight_rounding, reconstruction_iterations,
-                                                              reconstruction_inputs, learn_scales)}, layers))
+                                                              reconstruction_inputs, learn_scales, activations_in_loop)}, layers))
 
 
 class LowBitPCROptions(io.ComfyNode):
@@ -163,13 +169,13 @@ class LowBitPCROptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, bits, progressive, relax, relax_fraction, weight_rounding, reconstruction_iterations,
-                reconstruction_inputs, learn_scales, layers) -> io.NodeOutput:
+                reconstruction_inputs, learn_scales, activations_in_loop, layers) -> io.NodeOutput:
         weight_bits, act_bits = parse_bits_spec(bits)
         return io.NodeOutput(QuantOptions("pcr", {"weight_bits": weight_bits, "act_bits": act_bits,
                                                   "progressive": progressive, "relax": relax,
                                                   "relax_fraction": relax_fraction,
                                                   **_rounding(weight_rounding, reconstruction_iterations,
-                                                              reconstruction_inputs, learn_scales)}, layers))
+                                                              reconstruction_inputs, learn_scales, activations_in_loop)}, layers))
 
 
 class LowBitRoundingOptions(io.ComfyNode):
@@ -193,9 +199,10 @@ class LowBitRoundingOptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, method, weight_rounding, reconstruction_iterations, reconstruction_inputs, learn_scales,
-                layers) -> io.NodeOutput:
+                activations_in_loop, layers) -> io.NodeOutput:
         return io.NodeOutput(QuantOptions(method, _rounding(weight_rounding, reconstruction_iterations,
-                                                            reconstruction_inputs, learn_scales), layers))
+                                                            reconstruction_inputs, learn_scales,
+                                                            activations_in_loop), layers))
 
 
 OPTION_NODES = [LowBitVQOptions, LowBitDGQOptions, LowBitPCROptions, LowBitRoundingOptions]

@@ -30,10 +30,12 @@ SOCKETS = {
     "LowBitVQOptions": ([], ["format", "beam_size", "max_rounds", "distill_epochs", "fast", "seed", "layers"],
                         [("options", "LOWBIT_OPTIONS")]),
     "LowBitDGQOptions": ([], ["bits", "groups", "range_search", "quantize_attention", "weight_rounding",
-                              "reconstruction_iterations", "reconstruction_inputs", "learn_scales", "layers"],
+                              "reconstruction_iterations", "reconstruction_inputs", "learn_scales",
+                              "activations_in_loop", "layers"],
                          [("options", "LOWBIT_OPTIONS")]),
     "LowBitPCROptions": ([], ["bits", "progressive", "relax", "relax_fraction", "weight_rounding",
-                              "reconstruction_iterations", "reconstruction_inputs", "learn_scales", "layers"],
+                              "reconstruction_iterations", "reconstruction_inputs", "learn_scales",
+                              "activations_in_loop", "layers"],
                          [("options", "LOWBIT_OPTIONS")]),
     "LowBitSaveQuantizedUNet": ([("model", "MODEL")], ["filename_prefix"], [("path", "STRING")]),
     "LowBitLoadQuantizedUNet": ([], ["unet_name"], [("MODEL", "MODEL")]),
@@ -238,7 +240,8 @@ METHOD_NOTES = {
             "10-bit activations. Interrupted runs resume from output/lowbit_checkpoints when queued again."),
 }
 ROUNDING_DEFAULTS = {"weight_rounding": "nearest", "reconstruction_iterations": 2000,
-                     "reconstruction_inputs": "quantized", "learn_scales": False}
+                     "reconstruction_inputs": "quantized", "learn_scales": False,
+                     "activations_in_loop": False}
 METHOD_OPTIONS = {
     "vq": ("LowBitVQOptions", {"format": "3x8g8", "beam_size": 8, "max_rounds": 10, "distill_epochs": 8,
                                "fast": False, "seed": 0, "layers": ""}),

@@ -162,6 +162,56 @@ def test_block_reconstruction_lowers_held_out_block_output_error():
         assert errors["adaround"] < 0.9 * errors["nearest"], (unit_name, errors)
 
 
+def test_activation_quantizers_in_the_loop():
+    """activations_in_loop: minmax W4A8 on a ResBlock and a transformer block of the tiny UNet. The quantizers
+    really run in the optimisation (other codes than with full-precision activations; the straight-through
+    gradient is the identity), and the held-out block error with activations quantized stays well below nearest
+    rounding's (measured 0.76x / 0.86x, 0.9x demanded, as the fp-activation test). It does not beat the
+    full-precision-activation setting here (measured 1.02x / 1.04x): README reports it as an option, off by
+    default, the seeds' setting."""
+    from helpers.fixtures import tiny_sdxl_unet
+    from lowbit.quant_core.actquant.context import at_timestep
+    from lowbit.quant_core.actquant.quantizers import fake_quant
+    from lowbit.quant_core.methods.minmax import MinMaxConfig
+    from lowbit.quant_core.qlayers import set_submodule
+    from lowbit.quant_core.weight_rounding.adaround import capture, reconstruction_error
+    x = torch.randn(64, requires_grad=True)
+    scale, zero = torch.tensor(0.05), torch.tensor(128)
+    y = fake_quant(x, scale, zero, 8)
+    y.sum().backward()
+    assert torch.equal(y.detach(), fake_quant(x.detach(), scale, zero, 8)) and torch.equal(x.grad, torch.ones(64))
+    torch.set_num_threads(1)
+    unet = tiny_sdxl_unet(seed=0)
+    calibration, held_out = _tiny_record(unet, seed=0, calls=8), _tiny_record(unet, seed=7, calls=4)
+    units = ("input_blocks.1.0", "input_blocks.4.1.transformer_blocks.0")
+    layers = {f"{u}.{n}": m for u in units for n, m in unet.get_submodule(u).named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d))}
+    rounding = dict(weight_rounding="adaround", reconstruction_iterations=200, reconstruction_inputs="fp")
+    quantized = {name: quantize_layers_of(unet, layers, MinMaxConfig(weight_bits=4, act_bits=8, **options),
+                                          calibration)
+                 for name, options in (("nearest", {}), ("fp", rounding),
+                                       ("in_loop", {**rounding, "activations_in_loop": True}))}
+    assert any(not torch.equal(quantized["fp"][n].qweight, quantized["in_loop"][n].qweight) for n in layers)
+    for unit_name in units:
+        unit, timesteps = unet.get_submodule(unit_name), []
+        samples = capture(unet, unit, held_out.inputs, outputs=True, timesteps=timesteps)
+        errors = {}
+        for name, layer_set in quantized.items():
+            block = copy.deepcopy(unit)
+            for layer_name, layer in layer_set.items():
+                if layer_name.startswith(unit_name + "."):
+                    set_submodule(block, layer_name[len(unit_name) + 1:], layer)
+            with torch.no_grad():
+                errors[name] = 0.0
+                for (args, kwargs, out), timestep in zip(samples, timesteps):
+                    with at_timestep(timestep):
+                        errors[name] += float(reconstruction_error(block(*args, **kwargs), out))
+        assert errors["in_loop"] < 0.9 * errors["nearest"], (unit_name, errors)
+    with pytest.raises(LowBitError, match="quantizes no activations"):
+        quantize_layers_of(unet, layers, RTNConfig(bits=4, group_size=0, **rounding, activations_in_loop=True),
+                           calibration)
+
+
 def _adaround_file(path, resume, progress=None):
     from helpers.fixtures import tiny_sdxl_unet
     unet = tiny_sdxl_unet(seed=0)

@@ -13,6 +13,7 @@ stock attention runs untouched.
 States are kept per thread, so two UNets sampling in two threads do not see each other's timestep.
 """
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -111,10 +112,28 @@ def _attention_override(previous: Optional[Callable]):
     return override
 
 
-def _enter(module, args, kwargs):
+def call_timestep(args: tuple, kwargs: dict) -> Optional[float]:
+    """The timestep of a UNetModel call from its arguments (the first of `timesteps`), None without one."""
     timesteps = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
-    timestep = None if timesteps is None else float(torch.as_tensor(timesteps).reshape(-1)[0])
-    _stack().append(StepState(module, timestep))
+    return None if timesteps is None else float(torch.as_tensor(timesteps).reshape(-1)[0])
+
+
+@contextmanager
+def at_timestep(timestep: Optional[float]):
+    """Quantized layers called outside a bound UNet call (a single block, as block reconstruction runs them) use
+    the parameters of `timestep` inside this block."""
+    state = StepState(None, timestep)
+    _stack().append(state)
+    try:
+        yield
+    finally:
+        stack = _stack()
+        if stack and stack[-1] is state:
+            stack.pop()
+
+
+def _enter(module, args, kwargs):
+    _stack().append(StepState(module, call_timestep(args, kwargs)))
     if len(args) > TRANSFORMER_OPTIONS_INDEX:
         options = args[TRANSFORMER_OPTIONS_INDEX]
         args = args[:TRANSFORMER_OPTIONS_INDEX] + args[TRANSFORMER_OPTIONS_INDEX + 1:]

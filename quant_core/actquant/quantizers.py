@@ -10,7 +10,11 @@ import torch
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """x quantized to codes clamp(round(x / scale) + zero, 0, 2^b − 1) and dequantized, in fp32, for
-    broadcastable scale / zero (in place after the division: this runs on every activation)."""
+    broadcastable scale / zero (in place after the division: this runs on every activation). When x needs a
+    gradient (block reconstruction with activation quantizers in the loop) the gradient passes straight through
+    (x + (fq(x) − x) with the difference detached), as BRECQ/LSQ train through activation quantizers."""
+    if x.requires_grad:
+        return x.float() + (fake_quant(x.detach(), scale, zero, bits) - x.float()).detach()
     z = zero.float()
     return x.float().div(scale).round_().add_(z).clamp_(0, 2 ** bits - 1).sub_(z).mul_(scale)
 

@@ -30,11 +30,13 @@ class RoundingOptions:
     optimiser steps per block (the seeds use 2 000), block inputs from the model with the earlier blocks already
     quantized ("quantized", BRECQ's setting) or from the full-precision model ("fp"); targets are always the
     full-precision block's outputs; `learn_scales` learns the grid's scales with the rounding (stored in place of
-    the min-max ones: same file format and bits)."""
+    the min-max ones: same file format and bits); `activations_in_loop` runs the method's activation quantizers
+    inside the optimisation (BRECQ's W·A setting; methods that quantize activations only)."""
     weight_rounding: str = "nearest"
     reconstruction_iterations: int = 2000
     reconstruction_inputs: str = "quantized"
     learn_scales: bool = False  # adaround: learn the grid's scales with the rounding
+    activations_in_loop: bool = False  # adaround: the method's activation quantizers run in the optimisation
 
     def check_rounding(self, method: str) -> None:
         if self.weight_rounding not in ROUNDINGS:
@@ -47,6 +49,10 @@ class RoundingOptions:
         if self.learn_scales and self.weight_rounding != "adaround":
             raise LowBitError(f"{method}: learn_scales is part of block reconstruction: set "
                               f"weight_rounding='adaround' (got {self.weight_rounding!r}) or learn_scales=False")
+        if self.activations_in_loop and self.weight_rounding != "adaround":
+            raise LowBitError(f"{method}: activations_in_loop is part of block reconstruction: set "
+                              f"weight_rounding='adaround' (got {self.weight_rounding!r}) or "
+                              "activations_in_loop=False")
 
 
 def round_weights(unet: Optional[nn.Module], layers: dict, quantized: dict, options: RoundingOptions, calibration,
@@ -66,11 +72,15 @@ def round_weights(unet: Optional[nn.Module], layers: dict, quantized: dict, opti
                           "record with recorded UNet calls (the layers' inputs); record calibration first or use "
                           "weight_rounding='nearest'")
     layers = {name: layers[name] for name in quantized}
+    if options.activations_in_loop and not any(hasattr(layer, "act_meta") for layer in quantized.values()):
+        raise LowBitError(f"{method} quantizes no activations: activations_in_loop needs minmax, dgq or pcr "
+                          "(or set activations_in_loop=False)")
     if options.weight_rounding == "gptq":
         gptq_round(unet, layers, quantized, calibration.inputs, progress)
     else:
         shared = None if resume is None else resume.shared(
             "adaround", {"iterations": options.reconstruction_iterations, "inputs": options.reconstruction_inputs,
-                         **({"learn_scales": True} if options.learn_scales else {})},
-            layers, f"{grid_fingerprint(quantized)}|{record_digest(calibration.inputs)}")
+                         **({"learn_scales": True} if options.learn_scales else {}),
+                         **({"activations_in_loop": True} if options.activations_in_loop else {})},
+            layers, f"{grid_fingerprint(quantized, options.activations_in_loop)}|{record_digest(calibration.inputs)}")
         reconstruct(unet, layers, quantized, calibration.inputs, options, progress, shared)

@@ -25,8 +25,15 @@ step-size rate); zero points and the code range stay, the learned scale is store
 
 Each iteration takes one recorded call and at most BATCH (32, BRECQ's batch) of its samples: every tensor argument
 whose first dimension is the call's batch is indexed alike (ComfyUI's per-call options are not per sample).
+With `activations_in_loop` (methods that quantize activations: minmax, dgq, pcr) every layer of the unit under
+optimisation runs the method's own input (and DGQ's Q/K/V output) quantizers at the timestep of the recorded call,
+with the straight-through gradient (BRECQ's W·A setting, the quantizers' parameters fixed as the method calibrated
+them; PCR's are its one-shot ranges, as progressive recalibration runs after rounding); the inputs of later units
+still come from earlier units with rounded weights and full-precision activations, and the softmax stays in full
+precision in the loop.
+
 Simplifications, said here and in README: the samples of an iteration come from one call, not from across calls;
-activation quantizers are not in the loop. A unit is optimised on a float32
+activation quantizers are off in the loop by default (the seeds' setting). A unit is optimised on a float32
 copy of itself on the UNet's device. Deterministic for the same inputs: calls and samples come from a generator
 seeded by the unit's index. With a `resume` checkpoint every finished unit is
 saved as a part; a resumed run takes the finished units' codes from it and gives identical tensors (codes move
@@ -38,8 +45,11 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from ..actquant.context import at_timestep, call_timestep
 from ..calib.replay import blocks_in_order, replay
+from ..qlayers import set_submodule
 from .grid import Grid, logical_codes, set_codes, set_logical_codes, set_scale, stored_codes
 
 ZETA, GAMMA = 1.1, -0.1
@@ -123,18 +133,25 @@ def _detached(value):
     return value
 
 
-def capture(unet: nn.Module, unit: nn.Module, calls: list, outputs: bool) -> list:
-    """[(args, kwargs[, output])] of every call of `unit` while `unet` replays `calls` (cut short after it)."""
-    seen = []
+def capture(unet: nn.Module, unit: nn.Module, calls: list, outputs: bool, timesteps: list = None) -> list:
+    """[(args, kwargs[, output])] of every call of `unit` while `unet` replays `calls` (cut short after it);
+    `timesteps`, when given, receives the timestep of the UNet call each of them came from."""
+    seen, call = [], {}
+
+    def call_started(module, args, kwargs):
+        call["timestep"] = call_timestep(args, kwargs)
 
     def before(module, args, kwargs):
         seen.append([tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}])
+        if timesteps is not None:
+            timesteps.append(call.get("timestep"))
 
     def after(module, args, output):
         if outputs:
             seen[-1].append(output.detach())
 
-    handles = [unit.register_forward_pre_hook(before, with_kwargs=True), unit.register_forward_hook(after)]
+    handles = [unet.register_forward_pre_hook(call_started, with_kwargs=True),
+               unit.register_forward_pre_hook(before, with_kwargs=True), unit.register_forward_hook(after)]
     try:
         replay(unet, calls, stop_after=unit)  # its stop hook is registered after ours, so runs after it
     finally:
@@ -168,14 +185,39 @@ def _to_float(value, device, rows, batch):
     return value.to(device, torch.float32) if value.is_floating_point() else value.to(device)
 
 
+class SoftLayer(nn.Module):
+    """A unit's layer while it is optimised: its soft-rounded weight, through the method's activation quantizers
+    (`act_layer`, the quantized layer) when they are in the loop."""
+
+    def __init__(self, module: nn.Module, soft: SoftRounding, act_layer=None):
+        super().__init__()
+        self.module, self.soft, self.act_layer = module, soft, act_layer
+
+    def forward(self, x):
+        weight = self.soft.soft_weight()
+        bias = None if self.module.bias is None else self.module.bias.float()
+        if self.act_layer is not None:
+            return self.act_layer.dense_op(x, weight, bias)
+        if isinstance(self.module, nn.Conv2d):
+            return self.module._conv_forward(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+
 def optimise_unit(unit: nn.Module, unit_name: str, grids: dict, samples: list, iterations: int,
-                  seed: int, progress=None, learn_scales: bool = False) -> dict:
+                  seed: int, progress=None, learn_scales: bool = False, act_layers: dict = None) -> dict:
     """{layer: (codes, learned [out, G] scales or None)} of the unit's layers after AdaRound on `samples`
-    [(args, kwargs, target)]."""
+    [(args, kwargs, target, timestep)]; `act_layers` (layer name -> quantized layer): activation quantizers in
+    the loop."""
     device = next(iter(grids.values())).weight.device
     student = copy.deepcopy(unit).float().requires_grad_(False)
     soft = {name: SoftRounding(grid, learn_scales) for name, grid in grids.items()}
-    keys = {name: (name[len(unit_name) + 1:] + "." if name != unit_name else "") + "weight" for name in grids}
+    for name, s in soft.items():
+        inner = name[len(unit_name) + 1:]
+        layer = SoftLayer(student.get_submodule(inner) if inner else student, s, (act_layers or {}).get(name))
+        if inner:
+            set_submodule(student, inner, layer)
+        else:
+            student = layer  # the unit is a single layer
     groups = [{"params": [s.v for s in soft.values()], "lr": LEARNING_RATE}]
     if learn_scales:
         groups.append({"params": [s.log_scale for s in soft.values()], "lr": SCALE_LEARNING_RATE})
@@ -183,13 +225,12 @@ def optimise_unit(unit: nn.Module, unit_name: str, grids: dict, samples: list, i
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         for it in range(iterations):
-            args, kwargs, target = samples[int(torch.randint(len(samples), (1,), generator=generator))]
+            args, kwargs, target, timestep = samples[int(torch.randint(len(samples), (1,), generator=generator))]
             batch = target.shape[0]
             rows = torch.randperm(batch, generator=generator)[:BATCH].sort().values if batch > BATCH else None
-            out = torch.func.functional_call(
-                student, {keys[name]: s.soft_weight() for name, s in soft.items()},
-                tuple(_to_float(a, device, rows, batch) for a in args),
-                {k: _to_float(v, device, rows, batch) for k, v in kwargs.items()})
+            with at_timestep(timestep):
+                out = student(*(_to_float(a, device, rows, batch) for a in args),
+                              **{k: _to_float(v, device, rows, batch) for k, v in kwargs.items()})
             loss = reconstruction_error(out, _to_float(target, device, rows, batch))
             if it >= WARMUP * iterations:
                 beta = beta_at(it, iterations)
@@ -217,19 +258,22 @@ def reconstruct(unet: nn.Module, layers: dict, quantized: dict, calls: list, opt
                 if options.learn_scales:  # per-channel, or grouped with the same permutation (grid_fingerprint)
                     set_scale(quantized[name], finished[name].scale)
         else:
-            targets = capture(unet, unit, calls, outputs=True)
+            timesteps = []
+            targets = capture(unet, unit, calls, outputs=True, timesteps=timesteps)
             inputs = targets
             if options.reconstruction_inputs == "quantized" and done:
                 with _rounded_weights(done, quantized):
                     inputs = capture(unet, unit, calls, outputs=False)
-            samples = [(x[0], x[1], t[2]) for x, t in zip(inputs, targets)]
+            samples = [(x[0], x[1], t[2], step) for x, t, step in zip(inputs, targets, timesteps)]
             if samples:
                 def unit_progress(it, total, index=index, unit_name=unit_name):
                     if progress:
                         progress(index, len(units), f"adaround {unit_name}: iteration {it}/{total}")
                 grids = {name: Grid.of(module, quantized[name]) for name, module in unit_layers.items()}
+                act_layers = {name: quantized[name] for name in unit_layers} if options.activations_in_loop else None
                 learned = optimise_unit(unit, unit_name, grids, samples, options.reconstruction_iterations,
-                                        seed=index, progress=unit_progress, learn_scales=options.learn_scales)
+                                        seed=index, progress=unit_progress, learn_scales=options.learn_scales,
+                                        act_layers=act_layers)
                 for name, (codes, scale) in learned.items():
                     set_codes(quantized[name], codes)
                     if scale is not None:

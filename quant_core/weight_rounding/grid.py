@@ -89,16 +89,21 @@ def set_logical_codes(layer, codes: torch.Tensor) -> None:
     set_codes(layer, codes if perm is None else codes[:, perm.to(codes.device)])
 
 
-def grid_fingerprint(layers: dict) -> str:
+def grid_fingerprint(layers: dict, activations: bool = False) -> str:
     """What a rounding's result depends on besides the weights: every layer's bits, group size, scales and zero
-    points, in matrix-view column order. Per-channel grids do not depend on a column permutation, so DGQ's
-    permuted layers share the fingerprint of the same grid unpermuted; grouped ones include the permutation."""
+    points, in matrix-view column order, and with `activations` its activation quantizers' tensors. Per-channel
+    grids do not depend on a column permutation, so DGQ's permuted layers share the fingerprint of the same grid
+    unpermuted; grouped ones include the permutation."""
     h = hashlib.sha256()
     for name, layer in layers.items():
         h.update(f"{name}:{layer.params['bits']}:{layer.params['group_size']}".encode())
-        for t in (layer.scale, layer.zero):
+        tensors = [layer.scale, layer.zero]
+        if activations:
+            h.update(repr(getattr(layer, "act_meta", None)).encode())
+            tensors += [getattr(layer, n) for n in sorted(getattr(layer, "activation_tensor_names", ()))]
+        for t in tensors:
             h.update(t.detach().float().cpu().numpy().tobytes())
         perm = _perm(layer)
-        if perm is not None and layer.params["group_size"]:
+        if perm is not None and (layer.params["group_size"] or activations):
             h.update(perm.cpu().numpy().tobytes())
     return h.hexdigest()[:20]
