@@ -1,4 +1,6 @@
 """The method options of the command line (`python -m lowbit quantize` and the benchmarks that quantize)."""
+import argparse
+
 from .quant_core.errors import LowBitError
 
 
@@ -16,6 +18,8 @@ def add_method_options(parser) -> None:
                         "distillation's fresh noise")
     parser.add_argument("--distill-epochs", type=int, default=8, help="vq with --calib: distillation passes over the "
                         "record's prompts against the fp UNet (0 = off)")
+    parser.add_argument("--distill-dense", action=argparse.BooleanOptionalAction, default=True,
+                        help="vq: distillation also trains the UNet's 16-bit parameters (norms, embeddings)")
     parser.add_argument("--fast", action="store_true", help="vq: no distillation and a shortened code search "
                         "(minutes instead of hours, lower quality)")
     parser.add_argument("--weight-rounding", default="nearest", choices=("nearest", "gptq", "adaround"),
@@ -41,6 +45,7 @@ def method_config(args):
     if args.method == "vq":
         from .quant_core.methods.vq import FAST
         return config_from("vq", format=args.config, seed=args.seed, distill_epochs=args.distill_epochs,
+                           distill_dense=args.distill_dense,
                            **(FAST if args.fast else {}))
     if args.method in ("dgq", "pcr", "minmax"):
         return config_from(args.method, weight_bits=args.bits, act_bits=args.act_bits, **rounding)

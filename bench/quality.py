@@ -19,6 +19,7 @@ numbers on the same machine and thread count (timings aside). Writes JSON (defau
 bench/results/quality_<bits>_seed<S>.json; with date, torch version, machine and threads) and a PNG grid next
 to it (rows: fp then each method; columns: 4 in-domain then 4 held-out prompts).
 """
+import argparse
 import copy
 import json
 import math
@@ -44,10 +45,10 @@ ROUNDED_METHODS = ("rtn", "minmax", "dgq", "dgq_fp_attention", "pcr")  # int_aff
 
 
 def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None, rtn_group_size: int = 128,
-                  fast: bool = False, distill_epochs=None):
+                  fast: bool = False, distill_epochs=None, distill_dense=None):
     """(config, note) of `method` at the setting; config None when the method does not apply. `rounding`: the
-    RoundingOptions fields for the int_affine methods (lowbit.quant_core.weight_rounding); `distill_epochs`: vq's,
-    None for the options node's default."""
+    RoundingOptions fields for the int_affine methods (lowbit.quant_core.weight_rounding); `distill_epochs`,
+    `distill_dense`: vq's, None for the options node's defaults."""
     from ..quant_core.methods import config_from
     rounding = rounding or {}
     if method == "rtn":
@@ -57,10 +58,11 @@ def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None
         from ..quant_core.methods.vq import FAST
         codebooks = min((2, 3, 4), key=lambda m: abs(m - weight_bits))  # m codebooks: m code bits per weight
         if not fast:
-            epochs = {} if distill_epochs is None else {"distill_epochs": distill_epochs}
-            return config_from("vq", num_codebooks=codebooks, **epochs), \
+            distillation = {**({} if distill_epochs is None else {"distill_epochs": distill_epochs}),
+                            **({} if distill_dense is None else {"distill_dense": distill_dense})}
+            return config_from("vq", num_codebooks=codebooks, **distillation), \
                 f"weight-only, nearest format {codebooks}x8g8, the options node's defaults (with distillation" \
-                + ("" if distill_epochs is None else f", {distill_epochs} epochs") + ")"
+                + "".join(f", {k} {v}" for k, v in distillation.items()) + ")"
         # --fast: the options node's fast switch (no distillation, one beam round) to fit the demo's CPU budget
         return config_from("vq", num_codebooks=codebooks, **FAST), \
             f"weight-only, nearest format {codebooks}x8g8, FAST: no distillation, shortened search {FAST}, XᵀX " \
@@ -285,6 +287,9 @@ def add_arguments(p):
                    "say so")
     p.add_argument("--distill-epochs", type=int, default=None,
                    help="vq: distillation epochs instead of the options node's default (file name gets _distillN)")
+    p.add_argument("--distill-dense", action=argparse.BooleanOptionalAction, default=None,
+                   help="vq: train the 16-bit parameters in distillation (default: the options node's, on); "
+                        "--no-distill-dense adds _nodense to the file name")
     add_common_arguments(p)
 
 
@@ -297,6 +302,7 @@ def run(args):
     group = "" if args.rtn_group_size == 128 else f"_g{args.rtn_group_size}"
     fast = "_fast" if args.fast and "vq" in methods else ""
     distill = "" if args.distill_epochs is None or "vq" not in methods else f"_distill{args.distill_epochs}"
+    distill += "_nodense" if args.distill_dense is False and "vq" in methods else ""
     path, grid = output_paths(args.out, f"quality_{args.bits.upper()}_seed{args.seed}{group}{rounding_suffix(args)}"
                                         f"{fast}{distill}")
     start = time.perf_counter()
@@ -309,7 +315,7 @@ def run(args):
     for method in methods:
         config, note = method_config(method, weight_bits, act_bits,
                                      method_rounding(method, args),
-                                     args.rtn_group_size, args.fast, args.distill_epochs)
+                                     args.rtn_group_size, args.fast, args.distill_epochs, args.distill_dense)
         if config is None:
             skipped[method] = note
             print(f"skipping {method}: {note}", file=sys.stderr)

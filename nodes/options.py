@@ -86,7 +86,11 @@ class LowBitVQOptions(io.ComfyNode):
                                      "input): codebooks, scales and biases trained against the full-precision "
                                      "UNet on its own sampling of the calibration prompts from fresh noise, this "
                                      "many passes. 0 = off. The slow part: each pass costs ~3x a sampling of "
-                                     "the calibration prompts."),
+                                     "the calibration prompts. At 2x8g8, 16 does better (README)."),
+                io.Boolean.Input("distill_dense", default=True,
+                                 tooltip="Distillation also trains the UNet's 16-bit parameters (norms, "
+                                         "embeddings, layers left unquantized), as VQDM does; they are saved "
+                                         "with the quantized UNet, the source MODEL keeps its own."),
                 io.Boolean.Input("fast", default=False,
                                  tooltip="Minutes instead of hours, lower quality: no distillation and a "
                                          "shortened search (1 round, beam 4); overrides the three settings "
@@ -99,9 +103,10 @@ class LowBitVQOptions(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, format, beam_size, max_rounds, distill_epochs, fast, seed, layers) -> io.NodeOutput:
+    def execute(cls, format, beam_size, max_rounds, distill_epochs, distill_dense, fast, seed,
+                layers) -> io.NodeOutput:
         settings = {"format": format, "beam_size": beam_size, "max_rounds": max_rounds,
-                    "distill_epochs": distill_epochs, "seed": seed}
+                    "distill_epochs": distill_epochs, "distill_dense": distill_dense, "seed": seed}
         return io.NodeOutput(QuantOptions("vq", {**settings, **(VQ_FAST if fast else {})}, layers))
 
 

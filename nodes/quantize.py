@@ -7,6 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..quant_core.api import quantize_layers_of
+from ..quant_core.qlayers import split_result
 from ..quant_core.errors import LowBitError
 from ..quant_core.fileformat import Header
 from ..quant_core.layouts.int_affine import SUPPORTED_BITS
@@ -101,14 +102,16 @@ class LowBitQuantizeUNet(io.ComfyNode):
         t0 = time.perf_counter()
         # resumable: an interrupted run goes on from its checkpoint under output/lowbit_checkpoints when
         # queued again (PCR re-samples the record's own trajectories: the API's default sampler)
-        qlayers = quantize_layers_of(unet, layers, config, record, progress=comfy_progress("quantize"),
-                                     resume=os.path.join(folder_paths.get_output_directory(), CHECKPOINT_FOLDER),
-                                     calibration_id=calibration.path if record is not None else "")
+        qlayers, retrained = split_result(quantize_layers_of(
+            unet, layers, config, record, progress=comfy_progress("quantize"),
+            resume=os.path.join(folder_paths.get_output_directory(), CHECKPOINT_FOLDER),
+            calibration_id=calibration.path if record is not None else ""))
         logging.info(f"LowBit: quantized in {time.perf_counter() - t0:.1f} s")
         unet_config = dict(source.unet_config)
         info = Header(method, described, unet_config.pop("arch"), unet_config,
                       model_class=TESTBED_MODEL_CLASS if is_testbed_model(model.model) else None)
-        out = build_model(qlayers, source.dense(qlayers), info,
-                          model_config=model.model.model_config)
+        dense = source.dense(qlayers)  # VQ's distillation retrains 16-bit tensors (norms, ...): those replace them
+        dense.update({key: tensor.to(dense[key].dtype) for key, tensor in retrained.items()})
+        out = build_model(qlayers, dense, info, model_config=model.model.model_config)
         out.model_options = model.clone().model_options  # keep the MODEL's sampler/attention patches
         return io.NodeOutput(out)

@@ -23,7 +23,9 @@ def _default_sampler(method: str, calibration):
 def quantize_layers_of(unet: Optional[nn.Module], layers: dict, config, calibration=None,
                        progress: Optional[ProgressFn] = None, resume: Optional[str] = None, sampler=None,
                        calibration_id: str = "", keep_rounding: bool = False) -> dict:
-    """name -> QuantizedLayer for `layers` (name -> module); `unet` is None when only weights are at hand.
+    """name -> QuantizedLayer for `layers` (name -> module); `unet` is None when only weights are at hand. VQ's
+    distillation also returns copies of the 16-bit modules it retrained (norms, embeddings: plain modules beside
+    the QuantizedLayers; lowbit.quant_core.qlayers.split_result tells them apart).
 
     resume: a folder; the run keeps its checkpoint in a subfolder named by the method, its config, the layers'
     weights and `calibration_id` (lowbit.quant_core.calib.resume), continues from what an interrupted run

@@ -16,14 +16,18 @@ squared error is weighted by σ²/(σ²+1): ~1 at high noise, ~σ² at the last 
 the image. On the testbed (VQ 3x8g8 shortened search, 4 epochs, lr 1e-3, 8 prompts per split) it gave +2.0 / +2.7 dB
 PSNR (in-domain / held-out) over no distillation, against +1.2 / +1.4 dB with the plain MSE.
 
+The UNet's other trainable tensors (`dense`: norms, embeddings, layers kept in 16 bits, as the paper trains "the
+16-bit parameters") can be trained alongside: the student uses fp32 masters of them in its forward, the teacher the
+UNet's own, which stay untouched (a MODEL shares them with its source); their trained values are returned.
+
 Resumable: with a checkpoint the masters and Adam's moments are saved after every epoch and an interrupted run
 continues from the last finished epoch with identical results. Deterministic: fresh noise comes from the seed.
 
-Simplifications (README limits): the paper also trains the UNet's other 16-bit parameters (norms, embeddings,
-layers kept in 16 bits); a method returns quantized layers only, and a MODEL's 16-bit tensors are shared with the
-source MODEL, so here they stay as they are. The paper's schedule (4 epochs × 512 prompts × 50 steps, lr 1e-6)
-is scaled to the record: `epochs` passes over its conditioning.
+Simplification (README limits): the paper's schedule (4 epochs × 512 prompts × 50 steps, lr 1e-6) is scaled to
+the record: `epochs` passes over its conditioning.
 """
+import copy
+
 import torch
 from torch import nn
 
@@ -80,13 +84,46 @@ def _restore(checkpoint, masters: dict, optimizer) -> tuple:
     return int(meta["distill_epochs_done"]), list(meta["losses"])
 
 
+def dense_parameters(unet: nn.Module, quantized: dict) -> dict:
+    """'<module>.<tensor>' -> parameter of every floating-point parameter of `unet` outside the `quantized`
+    layers, owned by a module without children (norms, embeddings and layers kept in 16 bits): what
+    `distill(dense=...)` can train beside the quantized layers."""
+    out = {}
+    for module_name, module in unet.named_modules():
+        if module_name in quantized or next(module.children(), None) is not None:
+            continue
+        for tensor_name, tensor in module.named_parameters(recurse=False):
+            if tensor.is_floating_point():
+                out[f"{module_name}.{tensor_name}" if module_name else tensor_name] = tensor
+    return out
+
+
+def retrained_modules(unet: nn.Module, trained: dict) -> dict:
+    """name -> copy of each of `unet`'s modules owning a tensor of `trained` ('<module>.<tensor>' -> tensor, from
+    distill), holding the trained values: what a method returns beside its quantized layers, so the source
+    model's own modules stay as they were."""
+    owners = {}
+    for key, tensor in trained.items():
+        owner, _, tensor_name = key.rpartition(".")
+        owners.setdefault(owner, {})[tensor_name] = tensor
+    out = {}
+    for owner, tensors in owners.items():
+        module = copy.deepcopy(unet.get_submodule(owner))
+        for tensor_name, tensor in tensors.items():
+            getattr(module, tensor_name).data = tensor.to(getattr(module, tensor_name).device)
+        out[owner] = module
+    return out
+
+
 def distill(unet: nn.Module, quantized: dict, teacher_layers: dict, calibration, *, epochs: int, lr: float,
-            batch_rows: int, seed: int, progress=None, checkpoint=None) -> list:
-    """Train the floating-point tensors of `quantized` (name -> quantized layer) so that `unet` with them
+            batch_rows: int, seed: int, progress=None, checkpoint=None, dense: dict = None) -> tuple[list, dict]:
+    """Train the floating-point tensors of `quantized` (name -> quantized layer), and with `dense`
+    (lowbit.quant_core.distillation.dense_parameters) the UNet's other parameters, so that `unet` with them
     matches `unet` with `teacher_layers` (name -> original module) on the teacher's trajectories (module
-    docstring). `unet` may hold either set when called and is left as it was. Returns the mean loss of every
-    epoch. progress(done, total, what) is called after every step and may raise to interrupt."""
-    stored = _trained_tensors(quantized)
+    docstring). `unet` may hold either set when called and is left as it was. Returns (the mean loss of every
+    epoch, the trained `dense` tensors as new tensors of their dtype). progress(done, total, what) is called after
+    every step and may raise to interrupt."""
+    stored = {**_trained_tensors(quantized), **(dense or {})}
     if not stored:
         raise LowBitError("distillation: the quantized layers have no floating-point tensors to train")
     masters = {key: t.detach().float().clone().requires_grad_(True) for key, t in stored.items()}
@@ -126,7 +163,11 @@ def distill(unet: nn.Module, quantized: dict, teacher_layers: dict, calibration,
         losses.append(sum(epoch_losses) / len(epoch_losses))
         if checkpoint is not None:
             _save(checkpoint, masters, optimizer, epoch + 1, losses)
+    trained = {}
     with torch.no_grad():
         for key, master in masters.items():
-            stored[key].copy_(master.to(stored[key].dtype))
-    return losses
+            if key in (dense or {}):
+                trained[key] = master.detach().to(stored[key].dtype)
+            else:
+                stored[key].copy_(master.to(stored[key].dtype))
+    return losses, trained

@@ -164,6 +164,16 @@ def swapped(root: nn.Module, modules: dict):
         swap_modules(root, replaced)
 
 
+def split_result(result: dict) -> tuple[dict, dict]:
+    """A method's result (name -> replacement module) as (name -> QuantizedLayer, '<module>.<tensor>' -> tensor
+    of the 16-bit modules it retrained, e.g. norms after VQ's distillation): what a file holds in place of the
+    source's tensors."""
+    layers = {name: m for name, m in result.items() if isinstance(m, QuantizedLayer)}
+    dense = {f"{name}.{key}": t.detach() for name, m in result.items() if name not in layers
+             for key, t in m.state_dict().items()}
+    return layers, dense
+
+
 def quantized_layers(model: nn.Module) -> dict:
     """name -> QuantizedLayer of every quantized layer in `model`."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}

@@ -11,6 +11,7 @@ from .arch import CHECKPOINT_PREFIX, conv_geometry, detect_unet_config, unet_sta
 from .errors import FileFormatError, LowBitError
 from .fileformat import Header, file_tensors, read_safetensors_header
 from .methods import method_for_config
+from .qlayers import split_result
 from .selection import choose_layers, is_selected_name, select_layers
 
 
@@ -70,8 +71,10 @@ def quantize_checkpoint(path, config, progress=None, layers=None, calibration=No
         chosen = choose_layers(select_layers(unet), layers)
     else:
         unet, chosen = None, choose_layers(layer_modules(sd), layers)
-    qlayers = quantize_layers_of(unet, chosen, config, calibration, progress=progress, **options)
-    dense = {k: t for k, t in sd.items() if k.rsplit(".", 1)[0] not in qlayers}
+    qlayers, retrained = split_result(quantize_layers_of(unet, chosen, config, calibration, progress=progress,
+                                                         **options))
+    dense = {k: retrained[k].to(t.dtype) if k in retrained else t for k, t in sd.items()
+             if k.rsplit(".", 1)[0] not in qlayers}
     tensors, table = file_tensors(qlayers, dense)
     header = Header(method.name, method.describe(config), unet_config.pop("arch"), unet_config,
                     "v_prediction" if "v_pred" in sd else "eps").to_json(table)

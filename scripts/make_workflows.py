@@ -27,7 +27,8 @@ SOCKETS = {
     "LowBitCalibrate": ([("model", "MODEL"), ("clip", "CLIP")],
                         ["prompts", "negative_prompt", "width", "height", "steps", "cfg", "sampler_name",
                          "scheduler", "seed", "max_prompts"], [("calibration", "LOWBIT_CALIBRATION")]),
-    "LowBitVQOptions": ([], ["format", "beam_size", "max_rounds", "distill_epochs", "fast", "seed", "layers"],
+    "LowBitVQOptions": ([], ["format", "beam_size", "max_rounds", "distill_epochs", "distill_dense", "fast", "seed",
+                             "layers"],
                         [("options", "LOWBIT_OPTIONS")]),
     "LowBitDGQOptions": ([], ["bits", "groups", "range_search", "quantize_attention", "weight_rounding",
                               "reconstruction_iterations", "reconstruction_inputs", "learn_scales",
@@ -244,7 +245,7 @@ ROUNDING_DEFAULTS = {"weight_rounding": "nearest", "reconstruction_iterations": 
                      "activations_in_loop": False}
 METHOD_OPTIONS = {
     "vq": ("LowBitVQOptions", {"format": "3x8g8", "beam_size": 8, "max_rounds": 10, "distill_epochs": 8,
-                               "fast": False, "seed": 0, "layers": ""}),
+                               "distill_dense": True, "fast": False, "seed": 0, "layers": ""}),
     "dgq": ("LowBitDGQOptions", {"bits": "W8A8", "groups": "8", "range_search": False,
                                  "quantize_attention": True, **ROUNDING_DEFAULTS, "layers": ""}),
     "pcr": ("LowBitPCROptions", {"bits": "W8A8", "progressive": True, "relax": "first", "relax_fraction": 0.2,

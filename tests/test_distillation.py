@@ -9,7 +9,7 @@ from lowbit.quant_core.api import quantize_layers
 from lowbit.quant_core.calib.record import CalibrationRecord, record_unet_calls
 from lowbit.quant_core.distillation import distill
 from lowbit.quant_core.methods.vq import FAST, VQConfig
-from lowbit.quant_core.qlayers import swap_modules
+from lowbit.quant_core.qlayers import split_result, swap_modules
 
 STEPS = (999, 666, 333)
 
@@ -65,7 +65,7 @@ def test_distillation_lowers_the_error_on_unseen_prompts():
     students = copy.deepcopy(layers)
     codes = {name: layer.codes.clone() for name, layer in students.items()}
     teachers = {name: unet.get_submodule(name) for name in layers}
-    losses = distill(unet, students, teachers, record, epochs=3, lr=1e-3, batch_rows=8, seed=0)
+    losses, _ = distill(unet, students, teachers, record, epochs=3, lr=1e-3, batch_rows=8, seed=0)
     assert all(unet.get_submodule(name) is module for name, module in teachers.items())  # left as it was
     before, after = held_out_psnr(layers), held_out_psnr(students)
     # measured 19.37 -> 21.82 dB (1 thread): +1 dB (21% less squared error) is far above what the summation
@@ -87,7 +87,14 @@ def test_interrupted_vq_resumes_to_identical_tensors(tiny, tmp_path):
                                         "distill_batch_rows": 4})
     # a few blocks keep it quick; the interrupts land in the block fit and in distillation all the same
     layers = r"middle_block|output_blocks\.[0-3]\."
+    source = {key: tensor.clone() for key, tensor in unet.state_dict().items()}
     reference = quantize_layers(unet, config, record, layers=layers)
+    # the 16-bit parameters were trained too (distill_dense): returned as copies of their modules, the UNet's own
+    # untouched (a MODEL shares them with its source)
+    quantized, retrained = split_result(reference)
+    assert retrained and set(retrained) <= set(source) and not set(quantized) & {k.rsplit(".", 1)[0] for k in retrained}
+    assert any(not torch.equal(tensor, source[key]) for key, tensor in retrained.items())
+    assert all(torch.equal(tensor, source[key]) for key, tensor in unet.state_dict().items())
 
     def stop_at(what_matches, calls_before):
         seen = []

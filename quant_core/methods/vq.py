@@ -7,8 +7,10 @@ With a calibration record (`quantize_model`) the UNet is quantized block by bloc
 (input_blocks.0..N, middle_block, output_blocks.0..N, as VQDM): the recorded UNet calls are replayed, with every
 earlier block already quantized (`sequential`, error-aware), to collect XᵀX of the block's layers, and each layer
 minimises ‖XWᵀ − XŴᵀ‖². Replays stop after the block being measured. Then (`distill_epochs` > 0, the default)
-the paper's distillation stage: codes frozen, the codebooks, scales and biases of all layers are trained against
-the full-precision UNet on its own sampling trajectories from fresh noise (lowbit.quant_core.distillation).
+the paper's distillation stage: codes frozen, the codebooks, scales and biases of all layers, and (`distill_dense`)
+the UNet's other 16-bit parameters, are trained against the full-precision UNet on its own sampling trajectories
+from fresh noise (lowbit.quant_core.distillation); the retrained 16-bit modules are returned as copies beside the
+quantized layers.
 `FAST` skips distillation and shortens the search (minutes instead of hours; lower quality).
 With a checkpoint every finished block is saved as a part and distillation after every epoch: an interrupted
 run resumes with identical results.
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..calib.replay import blocks_in_order, replay
 from ..calib.statistics import collect_xtx
-from ..distillation import distill
+from ..distillation import dense_parameters, distill, retrained_modules
 from ..errors import LowBitError
 from ..layouts.vq import CODEBOOK_BITS, MAX_CODEBOOKS
 from ..qlayers import make_quantized_layer, matrix_view, swap_modules
@@ -52,6 +54,7 @@ class VQConfig:
     distill_epochs: int = 8    # passes of distillation over the record's conditioning, fresh noise each (0: off)
     distill_lr: float = 3e-4   # Adam step relative to each tensor's mean magnitude (README: why not 1e-3)
     distill_batch_rows: int = 16  # batch rows per distillation step (a UNet call is split into such steps)
+    distill_dense: bool = True  # distillation also trains the UNet's 16-bit parameters (norms, embeddings, ...)
 
     def __post_init__(self):
         if not 1 <= self.num_codebooks <= MAX_CODEBOOKS:
@@ -135,14 +138,17 @@ class VQ(Method):
                         resume.save_part({name: quantized[name] for name in block_layers})
                 if config.sequential:
                     replaced.update(swap_modules(unet, {name: quantized[name] for name in block_layers}))
+            retrained = {}
             if config.distill_epochs:
                 replaced.update(swap_modules(unet, {n: q for n, q in quantized.items() if n not in replaced}))
-                distill(unet, quantized, replaced, calibration, epochs=config.distill_epochs, lr=config.distill_lr,
-                        batch_rows=config.distill_batch_rows, seed=config.seed, progress=progress,
-                        checkpoint=resume)
+                dense = dense_parameters(unet, quantized) if config.distill_dense else None
+                _, trained = distill(unet, quantized, replaced, calibration, epochs=config.distill_epochs,
+                                     lr=config.distill_lr, batch_rows=config.distill_batch_rows, seed=config.seed,
+                                     progress=progress, checkpoint=resume, dense=dense)
+                retrained = retrained_modules(unet, trained)
         finally:
             swap_modules(unet, replaced)
-        return quantized
+        return {**quantized, **retrained}
 
     def describe(self, config) -> dict:
         return {**asdict(config), "format": config.name}
