@@ -84,7 +84,7 @@ class Interrupt(Exception):
 def test_interrupted_vq_resumes_to_identical_tensors(tiny, tmp_path):
     unet, record = tiny
     config = VQConfig.parse("2x8g8", **{**FAST, "distill_epochs": 2, "distill_lr": 3e-3,
-                                        "distill_batch_rows": 4})
+                                        "distill_batch_rows": 4, "distill_dense": True})
     # a few blocks keep it quick; the interrupts land in the block fit and in distillation all the same
     layers = r"middle_block|output_blocks\.[0-3]\."
     source = {key: tensor.clone() for key, tensor in unet.state_dict().items()}
