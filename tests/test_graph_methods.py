@@ -72,10 +72,10 @@ MEASURED_ERROR = {"dgq": 0.02921, "pcr": 0.01444, "minmax": 0.01970, "vq": 0.003
 
 
 @pytest.mark.parametrize("method,options", [
-    ("dgq", ("LowBitDGQOptions", ("W8A8", "8", False, True, "nearest", 2000, "quantized", ""))),
-    ("pcr", ("LowBitPCROptions", ("W8A8", True, "first", 0.25, "gptq", 2000, "quantized", ""))),
+    ("dgq", ("LowBitDGQOptions", ("W8A8", "8", False, True, "nearest", 2000, "quantized", False, False, ""))),
+    ("pcr", ("LowBitPCROptions", ("W8A8", True, "first", 0.25, "gptq", 2000, "quantized", False, False, ""))),
     ("minmax", None),
-    ("vq", ("LowBitVQOptions", ("4x8g8", 4, 2, 0, False, 0, r"output_blocks\.[3-5]\.1\."))),
+    ("vq", ("LowBitVQOptions", ("4x8g8", 4, 2, 0, True, False, 0, r"output_blocks\.[3-5]\.1\."))),
 ])
 def test_quantize_node_with_calibration(testbed, probe, method, options):
     from lowbit.nodes import options as option_nodes
@@ -111,7 +111,7 @@ def test_vq_distillation_through_the_nodes(testbed, probe):
     ref = _out(model, probe)
     errors = {}
     for epochs in (0, 2):
-        options = LowBitVQOptions.execute("2x8g8", 4, 1, epochs, False, 0, r"output_blocks\.[3-5]\.1\.").result[0]
+        options = LowBitVQOptions.execute("2x8g8", 4, 1, epochs, True, False, 0, r"output_blocks\.[3-5]\.1\.").result[0]
         errors[epochs] = _rel(_out(LowBitQuantizeUNet.execute(model, "vq", 8, 0, calib, options).result[0], probe), ref)
     print(f"vq 2x8g8 probe error without / with distillation: {errors[0]:.5f} / {errors[2]:.5f}")
     assert torch.equal(_out(model, probe), ref)  # the user's MODEL is unchanged
@@ -125,10 +125,12 @@ def test_method_needs_calibration_and_matching_options(testbed):
     model, calib = testbed
     with pytest.raises(LowBitError, match="needs calibration data"):
         LowBitQuantizeUNet.execute(model, "dgq", 8, 0)
-    dgq = LowBitDGQOptions.execute("W8A8", "8", False, True, "nearest", 2000, "quantized", "").result[0]
+    dgq = LowBitDGQOptions.execute("W8A8", "8", False, True, "nearest", 2000, "quantized", False, False,
+                                   "").result[0]
     with pytest.raises(LowBitError, match="options are for dgq but method is pcr"):
         LowBitQuantizeUNet.execute(model, "pcr", 8, 0, calib, dgq)
-    bad = LowBitDGQOptions.execute("W8A8", "8", False, True, "nearest", 2000, "quantized", "no_such_layer").result[0]
+    bad = LowBitDGQOptions.execute("W8A8", "8", False, True, "nearest", 2000, "quantized", False, False,
+                                   "no_such_layer").result[0]
     with pytest.raises(LowBitError, match="matches none"):
         LowBitQuantizeUNet.execute(model, "dgq", 8, 0, calib, bad)
 
@@ -147,7 +149,7 @@ def test_saved_testbed_file_loads_as_the_testbed_and_samples(testbed, probe):
     from lowbit.nodes.save import LowBitSaveQuantizedUNet
     from lowbit.testbed.model import comfy_testbed_objects, is_testbed_model
     model, calib = testbed
-    options = LowBitDGQOptions.execute("W8A8", "8", False, True, "nearest", 2000, "quantized",
+    options = LowBitDGQOptions.execute("W8A8", "8", False, True, "nearest", 2000, "quantized", False, False,
                                        r"middle_block\.").result[0]
     quantized = LowBitQuantizeUNet.execute(model, "dgq", 8, 0, calib, options).result[0]
     saved = LowBitSaveQuantizedUNet.execute(quantized, "graph/testbed_dgq").result[0]
@@ -176,7 +178,7 @@ def test_interrupted_quantization_resumes_to_the_same_result(testbed, monkeypatc
     from lowbit.nodes.options import LowBitVQOptions
     from lowbit.quant_core.calib import resume
     model, _ = testbed
-    options = LowBitVQOptions.execute("2x8g8", 2, 1, 0, False, 0, r"transformer_blocks\.0\.(attn1|ff)").result[0]
+    options = LowBitVQOptions.execute("2x8g8", 2, 1, 0, True, False, 0, r"transformer_blocks\.0\.(attn1|ff)").result[0]
 
     def run():
         out = quantize_node.LowBitQuantizeUNet.execute(model, "vq", 4, 0, None, options).result[0]
@@ -224,7 +226,8 @@ def test_stock_lora_on_an_activation_quantized_model(testbed, probe, monkeypatch
     from lowbit.quant_core import ops
     from lowbit.quant_core.actquant.layers import ActQuantMixin, execution
     model, calib = testbed
-    options = LowBitDGQOptions.execute("W4A8", "8", False, True, "nearest", 2000, "quantized", "").result[0]
+    options = LowBitDGQOptions.execute("W4A8", "8", False, True, "nearest", 2000, "quantized", False, False,
+                                       "").result[0]
     quantized = LowBitQuantizeUNet.execute(model, "dgq", 4, 0, calib, options).result[0]
     unet = quantized.model.diffusion_model
     act_layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, ActQuantMixin)]

@@ -28,7 +28,7 @@ def models(sdxl_ckpt, tmp_path_factory):
                                                model_options={"dtype": torch.float16})[0]
     w4 = LowBitQuantizeUNet.execute(fp, "rtn", 4, 128).result[0]
     pattern = "|".join(name.replace(".", r"\.") for name in LORA_LAYERS)
-    vq_options = LowBitVQOptions.execute("2x8g8", 2, 1, 0, False, 0, f"^({pattern})$").result[0]
+    vq_options = LowBitVQOptions.execute("2x8g8", 2, 1, 0, True, False, 0, f"^({pattern})$").result[0]
     vq = LowBitQuantizeUNet.execute(fp, "vq", 4, 0, None, vq_options).result[0]
     del fp
     loras = tmp_path_factory.mktemp("loras")
