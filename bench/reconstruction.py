@@ -106,7 +106,7 @@ def time_unit(unet, name, layers, spec, args) -> dict:
         for _ in range(args.calls):
             call_args = tuple(_materialise(s, device, generator) for s in spec[0])
             call_kwargs = {k: _materialise(s, device, generator) for k, s in spec[1].items()}
-            samples.append((call_args, call_kwargs, unit(*call_args, **call_kwargs)))
+            samples.append((call_args, call_kwargs, unit(*call_args, **call_kwargs), None))  # no timestep
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
