@@ -127,6 +127,28 @@ def test_grid_of_a_permuted_layer_decodes_like_the_layer():
     assert float((dense - module.weight).abs().max()) <= float(layer.scale.float().max()) / 2 + 1e-6
 
 
+def _held_out_block_errors(unet, unit_name: str, quantized: dict, held_out) -> dict:
+    """{setting: the unit's summed reconstruction error on the held-out calls} for each layer set of `quantized`
+    (setting -> {layer name: quantized layer}), every call at its own timestep (activation quantizers)."""
+    from lowbit.quant_core.actquant.context import at_timestep
+    from lowbit.quant_core.qlayers import set_submodule
+    from lowbit.quant_core.weight_rounding.adaround import capture, reconstruction_error
+    unit, timesteps = unet.get_submodule(unit_name), []
+    samples = capture(unet, unit, held_out.inputs, outputs=True, timesteps=timesteps)
+    errors = {}
+    for setting, layer_set in quantized.items():
+        block = copy.deepcopy(unit)
+        for name, layer in layer_set.items():
+            if name.startswith(unit_name + "."):
+                set_submodule(block, name[len(unit_name) + 1:], layer)
+        with torch.no_grad():
+            errors[setting] = 0.0
+            for (args, kwargs, out), timestep in zip(samples, timesteps):
+                with at_timestep(timestep):
+                    errors[setting] += float(reconstruction_error(block(*args, **kwargs), out))
+    return errors
+
+
 def test_block_reconstruction_lowers_held_out_block_output_error():
     """W3 per channel on the layers of a ResBlock and a transformer block of the tiny UNet: AdaRound (200
     iterations per unit, full-precision block inputs) lowers each block's output error on held-out calls (other
@@ -135,8 +157,6 @@ def test_block_reconstruction_lowers_held_out_block_output_error():
     inputs (BRECQ's setting) it learns to absorb the quantized ResBlock's error, which fp inputs do not show.
     bench quality measures both settings on the whole trained testbed."""
     from helpers.fixtures import tiny_sdxl_unet
-    from lowbit.quant_core.qlayers import set_submodule
-    from lowbit.quant_core.weight_rounding.adaround import capture, reconstruction_error
     torch.set_num_threads(1)
     unet = tiny_sdxl_unet(seed=0)
     calibration, held_out = _tiny_record(unet, seed=0, calls=8), _tiny_record(unet, seed=7, calls=4)
@@ -148,17 +168,7 @@ def test_block_reconstruction_lowers_held_out_block_output_error():
                                                                       reconstruction_inputs="fp"), calibration)
                  for rounding in ("nearest", "adaround")}
     for unit_name in units:
-        unit = unet.get_submodule(unit_name)
-        samples = capture(unet, unit, held_out.inputs, outputs=True)
-        errors = {}
-        for rounding, layer_set in quantized.items():
-            block = copy.deepcopy(unit)
-            for name, layer in layer_set.items():
-                if name.startswith(unit_name + "."):
-                    set_submodule(block, name[len(unit_name) + 1:], layer)
-            with torch.no_grad():
-                errors[rounding] = sum(float(reconstruction_error(block(*args, **kwargs), out))
-                                       for args, kwargs, out in samples)
+        errors = _held_out_block_errors(unet, unit_name, quantized, held_out)
         assert errors["adaround"] < 0.9 * errors["nearest"], (unit_name, errors)
 
 
@@ -170,11 +180,8 @@ def test_activation_quantizers_in_the_loop():
     full-precision-activation setting here (measured 1.02x / 1.04x): README reports it as an option, off by
     default, the seeds' setting."""
     from helpers.fixtures import tiny_sdxl_unet
-    from lowbit.quant_core.actquant.context import at_timestep
     from lowbit.quant_core.actquant.quantizers import fake_quant
     from lowbit.quant_core.methods.minmax import MinMaxConfig
-    from lowbit.quant_core.qlayers import set_submodule
-    from lowbit.quant_core.weight_rounding.adaround import capture, reconstruction_error
     x = torch.randn(64, requires_grad=True)
     scale, zero = torch.tensor(0.05), torch.tensor(128)
     y = fake_quant(x, scale, zero, 8)
@@ -193,19 +200,7 @@ def test_activation_quantizers_in_the_loop():
                                        ("in_loop", {**rounding, "activations_in_loop": True}))}
     assert any(not torch.equal(quantized["fp"][n].qweight, quantized["in_loop"][n].qweight) for n in layers)
     for unit_name in units:
-        unit, timesteps = unet.get_submodule(unit_name), []
-        samples = capture(unet, unit, held_out.inputs, outputs=True, timesteps=timesteps)
-        errors = {}
-        for name, layer_set in quantized.items():
-            block = copy.deepcopy(unit)
-            for layer_name, layer in layer_set.items():
-                if layer_name.startswith(unit_name + "."):
-                    set_submodule(block, layer_name[len(unit_name) + 1:], layer)
-            with torch.no_grad():
-                errors[name] = 0.0
-                for (args, kwargs, out), timestep in zip(samples, timesteps):
-                    with at_timestep(timestep):
-                        errors[name] += float(reconstruction_error(block(*args, **kwargs), out))
+        errors = _held_out_block_errors(unet, unit_name, quantized, held_out)
         assert errors["in_loop"] < 0.9 * errors["nearest"], (unit_name, errors)
     with pytest.raises(LowBitError, match="quantizes no activations"):
         quantize_layers_of(unet, layers, RTNConfig(bits=4, group_size=0, **rounding, activations_in_loop=True),
