@@ -40,7 +40,7 @@ def quantize_layers_of(unet: Optional[nn.Module], layers: dict, config, calibrat
     method = method_for_config(config)
     checkpoint = None if resume is None else Checkpoint.for_run(resume, method.name, method.describe(config),
                                                                 layers, calibration_id, keep_rounding)
-    if unet is None or not method.runs_model(config):
+    if (unet is None or not method.runs_model(config)) and not method.joint_layers:
         def run(chunk, chunk_progress):
             return method.quantize_layers(chunk, config, calibration, chunk_progress)
         result = run(layers, progress) if checkpoint is None else quantize_in_parts(run, layers, checkpoint,

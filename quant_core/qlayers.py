@@ -47,6 +47,7 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("weight", torch.empty(0, dtype=weight_dtype))
         self.weight_function, self.bias_function = [], []
         self.comfy_cast_weights = False
+        self.allocation = None  # method auto: {"format", "stored_bits", "sensitivity"}, kept in the header
 
     def packed_tensors(self) -> dict:
         return {name: getattr(self, name) for name in self.tensor_names}
@@ -91,7 +92,7 @@ class QuantizedLayer(nn.Module):
         """What the file header records for this layer (everything but the tensors)."""
         return {"kind": self.kind, "layout": self.layout.name, "params": self.params,
                 "weight_shape": list(self.weight_shape), "weight_dtype": str(self.weight_dtype).split(".")[-1],
-                "bias": self.bias is not None}
+                "bias": self.bias is not None, **({"allocation": self.allocation} if self.allocation else {})}
 
     def extra_repr(self) -> str:
         return f"{self.layout.name} {self.params} weight_shape={tuple(self.weight_shape)}"
@@ -210,7 +211,9 @@ def layer_from_header(entry: Mapping, tensors: Mapping[str, torch.Tensor], where
     if entry.get("bias") and bias is None:
         raise FileFormatError(f"{where}: bias missing; the file is incomplete: re-create it")
     try:
-        return LAYER_CLASSES[kind].from_header(entry, tensors, dtype, bias, where)
+        layer = LAYER_CLASSES[kind].from_header(entry, tensors, dtype, bias, where)
+        layer.allocation = entry.get("allocation")
+        return layer
     except FileFormatError as e:
         raise FileFormatError(f"{where}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:

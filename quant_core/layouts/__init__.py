@@ -99,3 +99,4 @@ def weight_from_matrix(matrix: torch.Tensor, weight_shape) -> torch.Tensor:
 
 from . import int_affine  # noqa: E402,F401  (registers the built-in layouts)
 from . import vq  # noqa: E402,F401
+from . import fp16  # noqa: E402,F401

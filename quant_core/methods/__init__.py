@@ -7,3 +7,4 @@ from . import vq  # noqa: E402,F401
 from . import dgq  # noqa: E402,F401
 from . import minmax  # noqa: E402,F401
 from . import pcr  # noqa: E402,F401
+from . import auto  # noqa: E402,F401

@@ -23,6 +23,9 @@ class Method:
     config_type: ClassVar[type]
     needs_calibration: ClassVar[bool] = False
     needs_sampler: ClassVar[bool] = False  # samples during calibration (PCR): quantize_model gets `sampler`
+    # its layers are decided together (auto's allocation): quantize_model always runs, with unet None when only
+    # weights are at hand, never quantize_layers on independent parts
+    joint_layers: ClassVar[bool] = False
 
     def quantize_layers(self, layers: dict, config, calibration=None,
                         progress: Optional[ProgressFn] = None) -> dict:

@@ -92,6 +92,51 @@ def quantize_vq_layer(name: str, module: nn.Module, hessian: Optional[torch.Tens
                                 {"codes": fit.codes, "codebooks": fit.codebooks, "scales": fit.scales})
 
 
+def fit_blockwise(unet, layers: dict, fit_layer, calibration, config: VQConfig, progress=None, resume=None) -> dict:
+    """VQ's calibrated pipeline with any per-layer fit (method auto reuses it): block by block in execution order,
+    XᵀX of the block's layers from the replayed record (earlier blocks quantized when `config.sequential`), then
+    `fit_layer(name, module, hessian or None)` -> QuantizedLayer; then, with `config.distill_epochs`, the
+    distillation of every quantized layer (and with `distill_dense` the 16-bit parameters) against the fp UNet.
+    Returns the quantized layers and copies of the retrained 16-bit modules; resumable from `resume`."""
+    if config.distill_epochs and any("x" not in call or "timesteps" not in call for call in calibration.inputs):
+        raise LowBitError("distillation re-samples the calibration record's trajectories, which needs 'x' and "
+                          "'timesteps' in every call; record with LowBitCalibrate, or skip distillation "
+                          "(distill_epochs=0, the fast switch)")
+    done = {} if resume is None else {name: layer.to(layers[name].weight.device)
+                                      for name, layer in resume.load().items() if name in layers}
+    quantized, replaced = {}, {}
+    try:
+        for block_name, block_layers in blocks_in_order(unet, layers).items():
+            if all(name in done for name in block_layers):
+                quantized.update({name: done[name] for name in block_layers})
+                if progress:
+                    progress(len(quantized), len(layers), f"{block_name} (resumed)")
+            else:
+                block = unet.get_submodule(block_name)
+                hessians = collect_xtx(unet, block_layers,
+                                       lambda: replay(unet, calibration.inputs, stop_after=block))
+                for name, module in block_layers.items():
+                    # a layer the replay never reached (nothing to measure) gets the data-free fit
+                    quantized[name] = fit_layer(name, module, hessians.get(name))
+                    if progress:
+                        progress(len(quantized), len(layers), name)
+                if resume is not None:
+                    resume.save_part({name: quantized[name] for name in block_layers})
+            if config.sequential:
+                replaced.update(swap_modules(unet, {name: quantized[name] for name in block_layers}))
+        retrained = {}
+        if config.distill_epochs:
+            replaced.update(swap_modules(unet, {n: q for n, q in quantized.items() if n not in replaced}))
+            dense = dense_parameters(unet, quantized) if config.distill_dense else None
+            _, trained = distill(unet, quantized, replaced, calibration, epochs=config.distill_epochs,
+                                 lr=config.distill_lr, batch_rows=config.distill_batch_rows, seed=config.seed,
+                                 progress=progress, checkpoint=resume, dense=dense)
+            retrained = retrained_modules(unet, trained)
+    finally:
+        swap_modules(unet, replaced)
+    return {**quantized, **retrained}
+
+
 @register_method
 class VQ(Method):
     name = "vq"
@@ -112,43 +157,9 @@ class VQ(Method):
             warnings.warn("VQ without a calibration record: data-free fit of the weights only (lower quality); "
                           "record calibration calls for the Hessian-aware method", stacklevel=2)
             return self.quantize_layers(layers, config, None, progress)
-        if config.distill_epochs and any("x" not in call or "timesteps" not in call for call in calibration.inputs):
-            raise LowBitError("VQ: distillation re-samples the calibration record's trajectories, which needs 'x' "
-                              "and 'timesteps' in every call; record with LowBitCalibrate, or skip distillation "
-                              "(distill_epochs=0, the fast switch)")
-        done = {} if resume is None else {name: layer.to(layers[name].weight.device)
-                                          for name, layer in resume.load().items() if name in layers}
-        quantized, replaced = {}, {}
-        try:
-            for block_name, block_layers in blocks_in_order(unet, layers).items():
-                if all(name in done for name in block_layers):
-                    quantized.update({name: done[name] for name in block_layers})
-                    if progress:
-                        progress(len(quantized), len(layers), f"{block_name} (resumed)")
-                else:
-                    block = unet.get_submodule(block_name)
-                    hessians = collect_xtx(unet, block_layers,
-                                           lambda: replay(unet, calibration.inputs, stop_after=block))
-                    for name, module in block_layers.items():
-                        # a layer the replay never reached (nothing to measure) gets the data-free fit
-                        quantized[name] = quantize_vq_layer(name, module, hessians.get(name), config)
-                        if progress:
-                            progress(len(quantized), len(layers), name)
-                    if resume is not None:
-                        resume.save_part({name: quantized[name] for name in block_layers})
-                if config.sequential:
-                    replaced.update(swap_modules(unet, {name: quantized[name] for name in block_layers}))
-            retrained = {}
-            if config.distill_epochs:
-                replaced.update(swap_modules(unet, {n: q for n, q in quantized.items() if n not in replaced}))
-                dense = dense_parameters(unet, quantized) if config.distill_dense else None
-                _, trained = distill(unet, quantized, replaced, calibration, epochs=config.distill_epochs,
-                                     lr=config.distill_lr, batch_rows=config.distill_batch_rows, seed=config.seed,
-                                     progress=progress, checkpoint=resume, dense=dense)
-                retrained = retrained_modules(unet, trained)
-        finally:
-            swap_modules(unet, replaced)
-        return {**quantized, **retrained}
+        def fit(name, module, hessian):
+            return quantize_vq_layer(name, module, hessian, config)
+        return fit_blockwise(unet, layers, fit, calibration, config, progress, resume)
 
     def describe(self, config) -> dict:
         return {**asdict(config), "format": config.name}
