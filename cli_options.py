@@ -6,8 +6,8 @@ from .quant_core.errors import LowBitError
 
 def add_method_options(parser) -> None:
     """The options `method_config` reads (shared by `quantize` and the benchmarks)."""
-    parser.add_argument("--method", default="rtn", help="quantization method: rtn, vq; with --calib also dgq, pcr, "
-                        "minmax")
+    parser.add_argument("--method", default="rtn", help="quantization method: rtn, vq, auto (mixed precision); with "
+                        "--calib also dgq, pcr, minmax")
     parser.add_argument("--bits", type=int, default=4, help="weight bits (rtn: 2,3,4,5,6,8; dgq/pcr/minmax: 4 or 8)")
     parser.add_argument("--act-bits", type=int, default=8, help="dgq/pcr/minmax: activation bits")
     parser.add_argument("--group-size", type=int, default=128, help="rtn: entries per range; 0 = per output channel")
@@ -22,6 +22,15 @@ def add_method_options(parser) -> None:
                         help="vq: distillation also trains the UNet's 16-bit parameters (norms, embeddings)")
     parser.add_argument("--fast", action="store_true", help="vq: no distillation and a shortened code search "
                         "(minutes instead of hours, lower quality)")
+    parser.add_argument("--target-bits", type=float, default=3.0, help="auto: average stored bits per weight over "
+                        "the quantized layers (fp16 layers count 16)")
+    parser.add_argument("--target-gb", type=float, default=0.0, help="auto: the output file's size in GB (10⁹ B) "
+                        "instead of --target-bits")
+    parser.add_argument("--candidates", default="vq2,vq3,vq4,rtn4,rtn8,fp16", help="auto: formats a layer may get "
+                        "(vq1..vq8, rtn<bits>[g<group>], fp16)")
+    parser.add_argument("--sensitivity", default="", choices=("", "measured", "hessian", "weight"),
+                        help="auto: how layer sensitivity is measured (default: measured with --calib, weight "
+                        "without)")
     parser.add_argument("--weight-rounding", default="nearest", choices=("nearest", "gptq", "adaround"),
                         help="rtn/dgq/pcr/minmax: codes on the fixed grid; gptq and adaround need --calib")
     parser.add_argument("--reconstruction-iterations", type=int, default=2000, help="adaround: steps per UNet block")
@@ -47,6 +56,10 @@ def method_config(args):
         return config_from("vq", format=args.config, seed=args.seed, distill_epochs=args.distill_epochs,
                            distill_dense=args.distill_dense,
                            **(FAST if args.fast else {}))
+    if args.method == "auto":
+        return config_from("auto", target_bits=args.target_bits, target_gb=args.target_gb,
+                           candidates=args.candidates, sensitivity=args.sensitivity, seed=args.seed,
+                           distill_epochs=args.distill_epochs, fast=args.fast)
     if args.method in ("dgq", "pcr", "minmax"):
         return config_from(args.method, weight_bits=args.bits, act_bits=args.act_bits, **rounding)
-    raise LowBitError(f"unknown method {args.method!r}; choose rtn, vq, dgq, pcr or minmax")
+    raise LowBitError(f"unknown method {args.method!r}; choose rtn, vq, auto, dgq, pcr or minmax")

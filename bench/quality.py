@@ -35,7 +35,8 @@ ROUNDING_CACHE = Path(__file__).resolve().parent / "out" / "rounding_cache"
 METHOD_NAMES = ("rtn", "minmax", "vq", "dgq", "pcr")
 # also accepted by --methods: DGQ with the attention matmuls (Q/K/V, softmax) left in full precision, the
 # like-for-like comparison with minmax and pcr, which quantize Linear/Conv2d inputs only
-EXTRA_METHODS = ("dgq_fp_attention",)
+# and auto (mixed precision) at each of --target-bits, with --candidates
+EXTRA_METHODS = ("dgq_fp_attention", "auto")
 VQ_SAMPLE_STRIDE = 4  # VQ's XᵀX from every 4th batch item of each calibration call (cond and uncond alike)
 SPLITS = ("in_domain", "held_out")
 GRID_PER_SPLIT = 4
@@ -45,15 +46,20 @@ ROUNDED_METHODS = ("rtn", "minmax", "dgq", "dgq_fp_attention", "pcr")  # int_aff
 
 
 def method_config(method: str, weight_bits: int, act_bits, rounding: dict = None, rtn_group_size: int = 128,
-                  fast: bool = False, distill_epochs=None, distill_dense=None):
+                  fast: bool = False, distill_epochs=None, distill_dense=None, auto_candidates=""):
     """(config, note) of `method` at the setting; config None when the method does not apply. `rounding`: the
     RoundingOptions fields for the int_affine methods (lowbit.quant_core.weight_rounding); `distill_epochs`,
-    `distill_dense`: vq's, None for the options node's defaults."""
+    `distill_dense`: vq's, None for the options node's defaults; "auto@<bits>": method auto at that target with
+    `auto_candidates` (and `fast`, `distill_epochs`)."""
     from ..quant_core.methods import config_from
     rounding = rounding or {}
     if method == "rtn":
         return config_from("rtn", bits=weight_bits, group_size=rtn_group_size, **rounding), \
             None if act_bits is None else f"weight-only: runs at W{weight_bits}"
+    if method.startswith("auto@"):
+        settings = {"target_bits": float(method[5:]), "candidates": auto_candidates, "fast": fast,
+                    **({} if distill_epochs is None else {"distill_epochs": distill_epochs})}
+        return config_from("auto", **settings), None
     if method == "vq":
         from ..quant_core.methods.vq import FAST
         codebooks = min((2, 3, 4), key=lambda m: abs(m - weight_bits))  # m codebooks: m code bits per weight
@@ -290,7 +296,32 @@ def add_arguments(p):
     p.add_argument("--distill-dense", action=argparse.BooleanOptionalAction, default=None,
                    help="vq: train the 16-bit parameters in distillation (default: the options node's, on); "
                         "--no-distill-dense adds _nodense to the file name")
+    p.add_argument("--target-bits", default="3",
+                   help="auto: comma-separated targets of stored bits/weight, one row each (sensitivities measured "
+                        "once)")
+    p.add_argument("--candidates", default="vq2,vq3,vq4,rtn4,rtn8,fp16", help="auto: candidate formats")
     add_common_arguments(p)
+
+
+def expand_auto(methods: list, targets: str) -> list:
+    """`auto` replaced by one `auto@<bits>` per target."""
+    out = []
+    for m in methods:
+        out += [f"auto@{float(t):g}" for t in targets.split(",") if t.strip()] if m == "auto" else [m]
+    return out
+
+
+def sensitivity_ranks(unet) -> dict:
+    """Spearman rank correlation of the hessian proxy and the weight error with the measured sensitivity, over
+    every (layer, candidate) an auto model's layers record."""
+    from ..quant_core.qlayers import quantized_layers
+    from ..quant_core.sensitivity import spearman
+    pairs = [e for m in quantized_layers(unet).values() if m.allocation
+             for e in m.allocation["sensitivity"].values() if e.get("measured") is not None]
+    if not pairs:
+        return {}
+    return {f"{proxy}_vs_measured": round(spearman([e[proxy] for e in pairs], [e["measured"] for e in pairs]), 4)
+            for proxy in ("hessian", "weight") if all(proxy in e for e in pairs)}
 
 
 def run(args):
@@ -299,12 +330,15 @@ def run(args):
     unknown = sorted(set(methods) - set(METHOD_NAMES + EXTRA_METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHOD_NAMES + EXTRA_METHODS)}")
+    auto = "_auto" + args.candidates.replace(",", "-") if "auto" in methods else ""
+    methods = expand_auto(methods, args.target_bits)
     group = "" if args.rtn_group_size == 128 else f"_g{args.rtn_group_size}"
-    fast = "_fast" if args.fast and "vq" in methods else ""
-    distill = "" if args.distill_epochs is None or "vq" not in methods else f"_distill{args.distill_epochs}"
+    has_vq = "vq" in methods or bool(auto)
+    fast = "_fast" if args.fast and has_vq else ""
+    distill = "" if args.distill_epochs is None or not has_vq else f"_distill{args.distill_epochs}"
     distill += "_nodense" if args.distill_dense is False and "vq" in methods else ""
     path, grid = output_paths(args.out, f"quality_{args.bits.upper()}_seed{args.seed}{group}{rounding_suffix(args)}"
-                                        f"{fast}{distill}")
+                                        f"{fast}{distill}{auto}")
     start = time.perf_counter()
     testbed = load_testbed_run(args.n, args.seed, args.steps, args.cfg)
     reference = testbed.samples(testbed.unet)
@@ -315,7 +349,8 @@ def run(args):
     for method in methods:
         config, note = method_config(method, weight_bits, act_bits,
                                      method_rounding(method, args),
-                                     args.rtn_group_size, args.fast, args.distill_epochs, args.distill_dense)
+                                     args.rtn_group_size, args.fast, args.distill_epochs, args.distill_dense,
+                                     args.candidates)
         if config is None:
             skipped[method] = note
             print(f"skipping {method}: {note}", file=sys.stderr)
@@ -327,7 +362,8 @@ def run(args):
             calibration = testbed.calibration(args.calib_prompts)
         unet = quantized_copy(testbed, config,
                               every_nth_sample(calibration, VQ_SAMPLE_STRIDE) if method == "vq" and args.fast
-                              else calibration, rounding_cache(args) if method in ROUNDED_METHODS else "")
+                              else calibration,
+                              rounding_cache(args) if method in ROUNDED_METHODS or method.startswith("auto") else "")
         rows[method] = testbed.samples(unet)
         from ..quant_core.methods import method_for_config
         results[method] = {"config": method_for_config(config).describe(config), **size_stats(unet),
@@ -336,5 +372,10 @@ def run(args):
             results[method]["note"] = note
         if method == "vq" and args.fast:
             results[method]["fast"] = True
+        if method.startswith("auto"):
+            results[method]["sensitivity_rank_correlation"] = sensitivity_ranks(unet)
+            from ..quant_core.fileformat import format_histogram
+            from ..quant_core.qlayers import quantized_layers
+            results[method]["formats"] = format_histogram([m.header_entry() for m in quantized_layers(unet).values()])
         print(f"{method}: {json.dumps({s: results[method][s] for s in SPLITS})}", file=sys.stderr, flush=True)
     write_report("quality", args, {"results": results, "skipped": skipped}, start, rows, testbed, grid, path)

@@ -110,6 +110,55 @@ class LowBitVQOptions(io.ComfyNode):
         return io.NodeOutput(QuantOptions("vq", {**settings, **(VQ_FAST if fast else {})}, layers))
 
 
+class LowBitAutoOptions(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LowBitAutoOptions",
+            display_name="Auto Mixed Precision Options (LowBit)",
+            category="LowBit/quantize",
+            description="Method auto: measures how much each layer suffers in each candidate format, then picks one "
+                        "format per layer so the file meets the target size with the least total damage. With a "
+                        "calibration input the damage is measured on the UNet's output and VQ layers are fitted "
+                        "and distilled as by the VQ method; without, only the weight error is used (lower quality).",
+            inputs=[
+                io.Float.Input("target_bits", default=3.0, min=1.0, max=16.0, step=0.05,
+                               tooltip="Average stored bits per weight over the quantized layers (codebooks, "
+                                       "scales included; layers kept in fp16 count 16)."),
+                io.Float.Input("target_gb", default=0.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="Instead of target_bits: the LowBit file's size in GB (= the UNet's "
+                                       "weights in VRAM). 0 = use target_bits."),
+                io.String.Input("candidates", default="vq2,vq3,vq4,rtn4,rtn8,fp16",
+                                tooltip="Formats a layer may get: vq1..vq8 (VQ codebooks, ~M bits), "
+                                        "rtn<bits>[g<group>] (round-to-nearest, groups of 128 unless given), fp16."),
+                io.Combo.Input("sensitivity", options=["auto", "measured", "hessian", "weight"], default="auto",
+                               tooltip="measured: UNet output error per layer and format (needs calibration; "
+                                       "best). hessian: the layer's own output error from calibration (faster). "
+                                       "weight: weight error, data-free (lower quality). auto: measured with "
+                                       "calibration, weight without."),
+                io.Int.Input("distill_epochs", default=8, min=0, max=1000,
+                             tooltip="Distillation passes after the fit, as in the VQ options (needs "
+                                     "calibration; 0 = off)."),
+                io.Boolean.Input("fast", default=False,
+                                 tooltip="Minutes instead of hours, lower quality: shortened VQ search and no "
+                                         "distillation."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
+                             tooltip="Seed of the VQ codebook initialisation and the distillation noise (same "
+                                     "seed, same file)."),
+                _layers_input(),
+            ],
+            outputs=_output(),
+        )
+
+    @classmethod
+    def execute(cls, target_bits, target_gb, candidates, sensitivity, distill_epochs, fast, seed,
+                layers) -> io.NodeOutput:
+        settings = {"target_bits": target_bits, "target_gb": target_gb, "candidates": candidates,
+                    "sensitivity": "" if sensitivity == "auto" else sensitivity, "distill_epochs": distill_epochs,
+                    "fast": fast, "seed": seed}
+        return io.NodeOutput(QuantOptions("auto", settings, layers))
+
+
 class LowBitDGQOptions(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -210,4 +259,4 @@ class LowBitRoundingOptions(io.ComfyNode):
                                                             activations_in_loop), layers))
 
 
-OPTION_NODES = [LowBitVQOptions, LowBitDGQOptions, LowBitPCROptions, LowBitRoundingOptions]
+OPTION_NODES = [LowBitVQOptions, LowBitAutoOptions, LowBitDGQOptions, LowBitPCROptions, LowBitRoundingOptions]

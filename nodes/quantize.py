@@ -12,6 +12,7 @@ from ..quant_core.errors import LowBitError
 from ..quant_core.fileformat import Header
 from ..quant_core.layouts.int_affine import SUPPORTED_BITS
 from ..quant_core.methods import config_from, get_method
+from ..quant_core.methods.auto import with_size_target
 from ..quant_core.selection import choose_layers, select_layers
 from ..testbed.model import TESTBED_MODEL_CLASS, is_testbed_model
 from .comfy_model import UNetSource, build_model
@@ -19,7 +20,7 @@ from .options import QuantOptions
 from .progress import comfy_progress
 from .types import Calibration, Options
 
-METHODS = ["rtn", "vq", "dgq", "pcr", "minmax"]
+METHODS = ["rtn", "vq", "dgq", "pcr", "minmax", "auto"]
 CHECKPOINT_FOLDER = "lowbit_checkpoints"
 
 
@@ -53,7 +54,8 @@ class LowBitQuantizeUNet(io.ComfyNode):
                                tooltip="rtn: round-to-nearest weights (data-free baseline). vq: vector "
                                        "quantization, 2-4 bits (calibration optional, better with it). dgq / pcr: "
                                        "weights + activations (need calibration). minmax: naive W·A8 baseline "
-                                       "(needs calibration). Method settings come from its options node."),
+                                       "(needs calibration). auto: a format per layer at a target size (mixed "
+                                       "precision, LowBitAutoOptions). Method settings come from its options node."),
                 io.Int.Input("bits", default=4, min=min(SUPPORTED_BITS), max=max(SUPPORTED_BITS),
                              tooltip=f"Weight bits of rtn and minmax ({', '.join(map(str, SUPPORTED_BITS))}); "
                                      "the other methods take theirs from their options node."),
@@ -96,6 +98,8 @@ class LowBitQuantizeUNet(io.ComfyNode):
             layers = choose_layers(select_layers(unet), options.layers)
         else:
             unet, layers = None, choose_layers(source.layers, options.layers)
+        if getattr(config, "target_gb", 0):  # auto at a file size: the MODEL's 16-bit rest is known here
+            config = with_size_target(config, layers, source.dense(layers))
         described = quant_method.describe(config)
         logging.info(f"LowBit: quantizing {len(layers)} layers with {method} {described}"
                      + (f" on {len(record)} calibration calls" if record is not None else " (data-free)"))

@@ -251,11 +251,33 @@ def summarize(path) -> dict:
                "layouts": sorted({e["layout"] for e in header["layers"].values()}),
                **size_summary(q_weights, q_bytes, logical_params, sum(sizes.values()), len(header["layers"]),
                               [(e["layout"], e["params"]) for e in header["layers"].values()])}
+    if len({format_name(e) for e in header["layers"].values()}) > 1:
+        summary["formats"] = format_histogram(list(header["layers"].values()))
     from .actquant.summary import activation_summary  # the activation layers build on this module
     activation = activation_summary(path, header["layers"])
     if activation is not None:
         summary["activation"] = activation
     return summary
+
+
+def format_name(entry: dict) -> str:
+    """A layer's format: the candidate name a mixed-precision allocation chose, else its layout and params."""
+    if entry.get("allocation"):
+        return entry["allocation"]["format"]
+    params = ",".join(f"{k}={v}" for k, v in sorted(entry["params"].items()))
+    return f"{entry['layout']} {params}".strip()
+
+
+def format_histogram(entries: list) -> dict:
+    """{format: {"layers": count, "weights": share of the weights}} over header layer entries, most weights first."""
+    counts, weights = {}, {}
+    for entry in entries:
+        name = format_name(entry)
+        counts[name] = counts.get(name, 0) + 1
+        weights[name] = weights.get(name, 0) + math.prod(entry["weight_shape"])
+    total = sum(weights.values()) or 1
+    return {name: {"layers": counts[name], "weights": round(weights[name] / total, 4)}
+            for name in sorted(weights, key=lambda n: (-weights[n], n))}
 
 
 def size_summary(quantized_params: int, quantized_bytes: int, total_params: int, total_bytes: int,

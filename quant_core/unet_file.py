@@ -64,6 +64,11 @@ def quantize_checkpoint(path, config, progress=None, layers=None, calibration=No
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FileFormatError(f"{os.fspath(path)}: UNet tensor '{key}' holds NaN/inf; the checkpoint is broken")
     method = method_for_config(config)
+    if getattr(config, "target_gb", 0):  # auto at a file size: the 16-bit rest of the UNet is known here
+        from .methods.auto import with_size_target
+        selected = choose_layers(layer_modules(sd), layers)
+        named = {f"{n}.{t}" for n in selected for t in ("weight", "bias")}
+        config = with_size_target(config, selected, {k: t for k, t in sd.items() if k not in named})
     if method.runs_model(config) and calibration is not None:
         if build_unet is None:
             raise LowBitError(f"{method.name} runs the UNet: quantize_checkpoint needs build_unet")
