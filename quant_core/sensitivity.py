@@ -27,7 +27,8 @@ MODES = ("measured", "hessian", "weight")
 
 def spread_calls(calls: list, count: int, rows: int) -> list:
     """`count` of `calls` evenly spread over the record (it runs through the timesteps in order), each cut to
-    its first `rows` batch rows (0 = all)."""
+    its first `rows` batch rows (0 = all), concatenated into one batch when their shapes allow (one UNet call per
+    measurement instead of `count`; the UNet takes a timestep per row)."""
     if count <= 0 or not calls:
         return []
     picked = [calls[round(i * (len(calls) - 1) / max(count - 1, 1))] for i in range(min(count, len(calls)))]
@@ -37,7 +38,18 @@ def spread_calls(calls: list, count: int, rows: int) -> list:
     for call in picked:
         batch = call["x"].shape[0]
         out.append({k: v[:rows] if v.dim() and v.shape[0] == batch else v for k, v in call.items()})
-    return out
+    return _batched(out)
+
+
+def _batched(calls: list) -> list:
+    """The calls as one call with every tensor concatenated along the batch, or unchanged when they differ in
+    keys or in shapes beyond the batch."""
+    first = calls[0]
+    batches = [c["x"].shape[0] for c in calls]
+    same = all(c.keys() == first.keys() and all(torch.is_tensor(c[k]) and c[k].dim() and c[k].shape[0] == b
+                                                  and c[k].shape[1:] == first[k].shape[1:] for k in c)
+               for c, b in zip(calls, batches))
+    return [{k: torch.cat([c[k] for c in calls]) for k in first}] if same else calls
 
 
 def _output_error(unet: nn.Module, calls: list, reference: list) -> float:

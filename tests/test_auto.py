@@ -130,8 +130,10 @@ def test_spearman():
 # ---- on the trained testbed ---------------------------------------------------------------------------------
 
 def test_auto_beats_uniform_rtn4_at_the_same_stored_bits():
-    """Calibrated auto (Hessian-weighted sensitivity, RTN candidates, no distillation: the cheap setting) against
-    uniform RTN W4 g128 at the same stored bits (within 1%), on the testbed at the quality tests' half size."""
+    """Calibrated auto (measured sensitivity on 4 calls of 4 rows, RTN candidates, no distillation: the cheap
+    setting) against uniform RTN W4 g128 at the same stored bits (within 1%), on the testbed at the quality tests'
+    half size. Measured on this machine (2026-12-07): uniform 30.1 dB / Fréchet 137, auto 48.0 dB / 2.5; with the
+    Hessian proxy instead, auto lost (29.4 dB), which is why `measured` is the default."""
     from lowbit.bench.quality import load_testbed_run, quantized_copy, size_stats
     torch.set_num_threads(1)
     testbed = load_testbed_run(8, seed=0, steps=10, cfg=5.0)
@@ -140,11 +142,12 @@ def test_auto_beats_uniform_rtn4_at_the_same_stored_bits():
     calibration = testbed.calibration(16)
     uniform = quantized_copy(testbed, config_from("rtn", bits=4, group_size=128), None)
     bits = size_stats(uniform)["bits_per_weight"]
-    auto = quantized_copy(testbed, config_from("auto", target_bits=bits, candidates="rtn3,rtn4,rtn8,fp16",
-                                               sensitivity="hessian", distill_epochs=0), calibration)
+    auto = quantized_copy(testbed, config_from("auto", target_bits=bits, candidates="rtn2,rtn3,rtn4,rtn8",
+                                               sensitivity_calls=4, sensitivity_rows=4, distill_epochs=0),
+                          calibration)
     assert size_stats(auto)["bits_per_weight"] == pytest.approx(bits, rel=0.01)
     scores = {name: testbed.metrics(testbed.samples(model), reference)["all"]
               for name, model in (("uniform", uniform), ("auto", auto))}
     print(json.dumps(scores))
-    assert scores["auto"]["psnr"] > scores["uniform"]["psnr"] + 0.5
-    assert scores["auto"]["frechet"] < scores["uniform"]["frechet"]
+    assert scores["auto"]["psnr"] > scores["uniform"]["psnr"] + 3
+    assert scores["auto"]["frechet"] < scores["uniform"]["frechet"] / 2
