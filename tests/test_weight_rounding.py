@@ -127,6 +127,19 @@ def test_grid_of_a_permuted_layer_decodes_like_the_layer():
     assert float((dense - module.weight).abs().max()) <= float(layer.scale.float().max()) / 2 + 1e-6
 
 
+def _two_units():
+    """The tiny UNet, 8 calibration and 4 held-out calls, a ResBlock and a transformer block, and their layers:
+    the setting of the block-reconstruction tests."""
+    from helpers.fixtures import tiny_sdxl_unet
+    torch.set_num_threads(1)
+    unet = tiny_sdxl_unet(seed=0)
+    calibration, held_out = _tiny_record(unet, seed=0, calls=8), _tiny_record(unet, seed=7, calls=4)
+    units = ("input_blocks.1.0", "input_blocks.4.1.transformer_blocks.0")
+    layers = {f"{u}.{n}": m for u in units for n, m in unet.get_submodule(u).named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return unet, calibration, held_out, units, layers
+
+
 def _held_out_block_errors(unet, unit_name: str, quantized: dict, held_out) -> dict:
     """{setting: the unit's summed reconstruction error on the held-out calls} for each layer set of `quantized`
     (setting -> {layer name: quantized layer}), every call at its own timestep (activation quantizers)."""
@@ -156,13 +169,7 @@ def test_block_reconstruction_lowers_held_out_block_output_error():
     calls instead of 8 the transformer block overfits its 96 token rows and ends above nearest; with quantized
     inputs (BRECQ's setting) it learns to absorb the quantized ResBlock's error, which fp inputs do not show.
     bench quality measures both settings on the whole trained testbed."""
-    from helpers.fixtures import tiny_sdxl_unet
-    torch.set_num_threads(1)
-    unet = tiny_sdxl_unet(seed=0)
-    calibration, held_out = _tiny_record(unet, seed=0, calls=8), _tiny_record(unet, seed=7, calls=4)
-    units = ("input_blocks.1.0", "input_blocks.4.1.transformer_blocks.0")
-    layers = {f"{u}.{n}": m for u in units for n, m in unet.get_submodule(u).named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv2d))}
+    unet, calibration, held_out, units, layers = _two_units()
     quantized = {rounding: quantize_layers_of(unet, layers, RTNConfig(bits=3, group_size=0, weight_rounding=rounding,
                                                                       reconstruction_iterations=200,
                                                                       reconstruction_inputs="fp"), calibration)
@@ -179,7 +186,6 @@ def test_activation_quantizers_in_the_loop():
     rounding's (measured 0.76x / 0.86x, 0.9x demanded, as the fp-activation test). It does not beat the
     full-precision-activation setting here (measured 1.02x / 1.04x): README reports it as an option, off by
     default, the seeds' setting."""
-    from helpers.fixtures import tiny_sdxl_unet
     from lowbit.quant_core.actquant.quantizers import fake_quant
     from lowbit.quant_core.methods.minmax import MinMaxConfig
     x = torch.randn(64, requires_grad=True)
@@ -187,12 +193,7 @@ def test_activation_quantizers_in_the_loop():
     y = fake_quant(x, scale, zero, 8)
     y.sum().backward()
     assert torch.equal(y.detach(), fake_quant(x.detach(), scale, zero, 8)) and torch.equal(x.grad, torch.ones(64))
-    torch.set_num_threads(1)
-    unet = tiny_sdxl_unet(seed=0)
-    calibration, held_out = _tiny_record(unet, seed=0, calls=8), _tiny_record(unet, seed=7, calls=4)
-    units = ("input_blocks.1.0", "input_blocks.4.1.transformer_blocks.0")
-    layers = {f"{u}.{n}": m for u in units for n, m in unet.get_submodule(u).named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv2d))}
+    unet, calibration, held_out, units, layers = _two_units()
     rounding = dict(weight_rounding="adaround", reconstruction_iterations=200, reconstruction_inputs="fp")
     quantized = {name: quantize_layers_of(unet, layers, MinMaxConfig(weight_bits=4, act_bits=8, **options),
                                           calibration)
