@@ -19,8 +19,9 @@ def _progress_bar(total_hint: str):
         bar.n = done
         bar.set_postfix_str(what[-40:], refresh=False)
         bar.refresh()
-        if done == total:
+        if done == total:  # a method's next stage starts a new bar
             bar.close()
+            bar = None
     return update
 
 

@@ -31,6 +31,9 @@ def add_method_options(parser) -> None:
     parser.add_argument("--sensitivity", default="", choices=("", "measured", "hessian", "weight"),
                         help="auto: how layer sensitivity is measured (default: measured with --calib, weight "
                         "without)")
+    parser.add_argument("--sample-rows", type=int, default=0, help="auto: fit and measure each layer's candidates "
+                        "on this many of its rows (an estimate; makes data-free sensitivity of full-size SDXL take "
+                        "minutes); 0 = all rows")
     parser.add_argument("--weight-rounding", default="nearest", choices=("nearest", "gptq", "adaround"),
                         help="rtn/dgq/pcr/minmax: codes on the fixed grid; gptq and adaround need --calib")
     parser.add_argument("--reconstruction-iterations", type=int, default=2000, help="adaround: steps per UNet block")
@@ -59,6 +62,7 @@ def method_config(args):
     if args.method == "auto":
         return config_from("auto", target_bits=args.target_bits, target_gb=args.target_gb,
                            candidates=args.candidates, sensitivity=args.sensitivity, seed=args.seed,
+                           sample_rows=args.sample_rows,
                            distill_epochs=args.distill_epochs, fast=args.fast)
     if args.method in ("dgq", "pcr", "minmax"):
         return config_from(args.method, weight_bits=args.bits, act_bits=args.act_bits, **rounding)

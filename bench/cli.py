@@ -13,6 +13,7 @@ BENCHMARKS = {
     "gpu": "everything a GPU should tell: kernel correctness, UNet s/step and VRAM per format, LoRA cost, "
            "kernel timings vs fp16 (--dry-run on CPU)",
     "lowvram": "SDXL load-and-generate under 4/6/8 GiB VRAM caps: fp16 vs VQ3 vs W4A8 (--dry-run on CPU)",
+    "allocation": "mixed precision (auto) on full-size SDXL, data-free: time and size against the target",
     "reconstruction": "AdaRound block reconstruction at full SDXL size: time per step and memory per unit kind",
 }
 

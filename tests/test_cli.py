@@ -46,6 +46,19 @@ def test_layers_pattern_chooses_the_layers(tiny_unet_file, tmp_path):
     assert bad.returncode == 2 and "matches none" in bad.stderr and not (tmp_path / "none.safetensors").exists()
 
 
+def test_auto_meets_a_file_size_target(tiny_unet_file, tmp_path):
+    """Data-free auto at a file size: the written file is within 1% of it (the tiny UNet's header is ~7% of the
+    file, so this also checks the header estimate; at SDXL size `bench allocation` measures it)."""
+    out = tmp_path / "auto.safetensors"
+    r = lowbit("quantize", "--method", "auto", "--target-gb", 0.0035, "--candidates", "rtn2,rtn4,rtn8,fp16",
+               tiny_unet_file, out)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size == pytest.approx(0.0035e9, rel=0.01)
+    assert len(json.loads(lowbit("info", out).stdout)["formats"]) > 1  # a mix of formats
+    r = lowbit("quantize", "--method", "auto", "--target-gb", 0.001, tiny_unet_file, tmp_path / "small.safetensors")
+    assert r.returncode == 2 and "unreachable" in r.stderr and not (tmp_path / "small.safetensors").exists()
+
+
 def test_existing_output_is_not_overwritten(tiny_unet_file, tmp_path):
     out = tmp_path / "exists.safetensors"
     out.write_bytes(b"keep me")

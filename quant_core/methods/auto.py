@@ -75,24 +75,31 @@ class AutoConfig:
                            **overrides})
 
 
-def with_size_target(config: AutoConfig, layers: dict, other_tensors: dict) -> AutoConfig:
-    """`config` with target_bits making the file `target_gb` big (unchanged when target_gb is 0): the allocated
-    `layers` (name -> module) share what the 16-bit `other_tensors` (the rest of the UNet) and the layers' biases
-    and header entries leave."""
-    if not config.target_gb:
-        return config
-    weights = sum(m.weight.numel() for m in layers.values())
+def fixed_bytes(config: AutoConfig, layers: dict, other_tensors: dict) -> int:
+    """Bytes of the LowBit file that the allocation does not choose: the 16-bit `other_tensors` (the rest of the
+    UNet), the allocated `layers`' 16-bit biases, and the header (an estimate from measured files: ~130 B per
+    tensor entry; per layer ~450 B and ~90 B per candidate's sensitivity)."""
     other = sum(t.numel() * 2 if t.is_floating_point() else t.numel() * t.element_size()
                 for t in other_tensors.values())
     other += sum(2 * m.bias.numel() for m in layers.values() if m.bias is not None)
-    other += len(layers) * (250 + 120 * len(config.candidates))  # the header's JSON (allocation entries), about
+    return other + 130 * len(other_tensors) + len(layers) * (450 + 90 * len(config.candidates))
+
+
+def with_size_target(config: AutoConfig, layers: dict, other_tensors: dict) -> AutoConfig:
+    """`config` with target_bits making the file `target_gb` big and target_gb cleared (the target is resolved;
+    unchanged when target_gb is 0): the allocated `layers` (name -> module) share what the rest of the file
+    (`fixed_bytes`) leaves."""
+    if not config.target_gb:
+        return config
+    weights = sum(m.weight.numel() for m in layers.values())
+    other = fixed_bytes(config, layers, other_tensors)
     bits = 8 * (config.target_gb * 1e9 - other) / weights
     if bits <= 0:
         raise LowBitError(f"auto: a {config.target_gb} GB target leaves nothing for the quantized layers: the 16-bit "
                           f"rest of the UNet alone takes {other / 1e9:.3f} GB; raise the target")
     if bits > 16:
         raise LowBitError(f"auto: a {config.target_gb} GB target is above the fp16 UNet's size; lower it")
-    return replace(config, target_bits=bits)
+    return replace(config, target_bits=bits, target_gb=0.0)
 
 
 def _search(options: VQConfig) -> dict:
@@ -127,19 +134,25 @@ class Auto(Method):
             store.save_state({}, {"table": table})
         return measure, table
 
-    def allocation(self, layers, config, measure, table) -> dict:
-        """{layer: Format} minimising the summed `measure` at the target (lowbit.quant_core.allocation)."""
+    def check_target(self, layers, config) -> tuple:
+        """(stored bits table, weight count) of the layers; an error when the candidates cannot meet the target
+        (checked before the sensitivities are spent)."""
         shapes = [tuple(matrix_view(m.weight).shape) for m in layers.values()]
         bits = bits_table(shapes, config.formats)
-        sens = torch.tensor([[table[n][f.name][measure] for f in config.formats] for n in layers],
-                            dtype=torch.float64).numpy()
         weights = sum(o * k for o, k in shapes)
         low = bits.min(axis=1).sum() / weights
         high = torch.tensor(bits).nan_to_num(posinf=0).max(dim=1).values.sum().item() / weights
         if not low <= config.target_bits <= high * 1.01:
-            raise LowBitError(f"auto: target of {config.target_bits} bits/weight is unreachable with candidates "
+            raise LowBitError(f"auto: target of {config.target_bits:.4g} bits/weight is unreachable with candidates "
                               f"{', '.join(config.candidates)}: on these layers they store {low:.3f} to {high:.3f} "
                               "bits/weight; choose a target in that range or change the candidates")
+        return bits, weights
+
+    def allocation(self, layers, config, measure, table) -> dict:
+        """{layer: Format} minimising the summed `measure` at the target (lowbit.quant_core.allocation)."""
+        bits, weights = self.check_target(layers, config)
+        sens = torch.tensor([[table[n][f.name][measure] for f in config.formats] for n in layers],
+                            dtype=torch.float64).numpy()
         result = allocate(bits, sens, config.target_bits * weights, config.formats)
         by_name = {f.name: f for f in config.formats}
         chosen = dict(zip(layers, (by_name[n] for n in result.formats)))
@@ -169,6 +182,7 @@ class Auto(Method):
                                   "or resolve the target first (lowbit.quant_core.methods.auto.with_size_target)")
             named = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers}
             config = with_size_target(config, layers, {k: t for k, t in unet.state_dict().items() if k not in named})
+        self.check_target(layers, config)
         measure, table = self.sensitivities(unet, layers, config, calibration, progress, resume)
         chosen = self.allocation(layers, config, measure, table)
         fit = self._fitter(chosen, config, measure, table)
