@@ -60,6 +60,31 @@ SDXL_UNET_CONFIG = {
     "num_head_channels": 64,
 }
 
+# The SDXL-architecture variants ComfyUI 0.3.75 runs (lowbit.quant_core.arch.VARIANTS), as overrides of the base
+# config; values from ComfyUI's comfy/model_detection.py (its diffusers-config table).
+SDXL_VARIANT_OVERRIDES = {
+    "base": {},
+    "inpaint": {"in_channels": 9},
+    "instruct-pix2pix": {"in_channels": 8},
+    "refiner": {"model_channels": 384, "adm_in_channels": 2560, "context_dim": 1280, "num_res_blocks": [2, 2, 2, 2],
+                "channel_mult": [1, 2, 4, 4], "transformer_depth": [0, 0, 4, 4, 4, 4, 0, 0],
+                "transformer_depth_middle": 4, "transformer_depth_output": [0, 0, 0, 4, 4, 4, 4, 4, 4, 0, 0, 0]},
+    "ssd-1b": {"transformer_depth": [0, 0, 2, 2, 4, 4], "transformer_depth_middle": -1,
+               "transformer_depth_output": [0, 0, 0, 1, 1, 2, 10, 4, 4]},
+    "vega": {"transformer_depth": [0, 0, 1, 1, 2, 2], "transformer_depth_middle": -1,
+             "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2]},
+    "koala-700m": {"num_res_blocks": [1, 1, 1], "transformer_depth": [0, 2, 5], "transformer_depth_middle": -2,
+                   "transformer_depth_output": [0, 0, 2, 2, 5, 5]},
+    "koala-1b": {"num_res_blocks": [1, 1, 1], "transformer_depth": [0, 2, 6], "transformer_depth_middle": 6,
+                 "transformer_depth_output": [0, 0, 2, 2, 6, 6]},
+}
+
+
+def variant_unet_config(variant: str) -> dict:
+    """UNetModel kwargs of a full-size SDXL variant (SDXL_VARIANT_OVERRIDES)."""
+    return {**SDXL_UNET_CONFIG, **SDXL_VARIANT_OVERRIDES[variant]}
+
+
 # ComfyUI's default SD/SDXL AutoencoderKL ddconfig (comfy/sd.py VAE.__init__).
 SDXL_VAE_DDCONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,

@@ -6,23 +6,28 @@ so it is exactly the model ComfyUI would build for the fp16 UNet; the Linear/Con
 on the meta device and never allocated in full precision.
 """
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 
+import comfy.latent_formats
 import comfy.lora
+import comfy.model_base
 import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.ops
 from comfy.model_patcher import LowVramPatch
 from comfy.patcher_extension import CallbacksMP
 
 from ..quant_core.actquant import prepare_unet
-from ..quant_core.arch import detect_unet_config
+from ..quant_core.arch import VARIANTS, detect_unet_config
 from ..quant_core.errors import LowBitError, UnsupportedModelError
 from ..quant_core.fileformat import DENSE_DTYPE, Header
 from ..quant_core.qlayers import QuantizedLayer, set_submodule
+from ..quant_core.sampling_settings import checked, to_markers
 from ..quant_core.selection import select_layers
 from ..testbed.model import TESTBED_MODEL_CLASS, testbed_model_config
 
@@ -60,11 +65,22 @@ def build_model(layers: dict, dense: dict, lowbit_info: Header, model_config=Non
     if model_config is None:
         # SDXL-architecture UNets of other widths (tests) get ComfyUI's generic config
         model_config = comfy.model_detection.model_config_from_unet(logical, "", use_base_if_no_match=True)
-        if model_config is None or (lowbit_info.arch == "sdxl"
-                                    and type(model_config).__name__ not in ("SDXL", "SSD1B", "Segmind_Vega")):
-            raise UnsupportedModelError("ComfyUI does not recognise this UNet as SDXL; the file does not hold a "
-                                        "supported SDXL model: re-create it from an SDXL checkpoint")
+        variant = lowbit_info.unet_config.get("variant")
+        if variant in VARIANTS:
+            allowed = {VARIANTS[variant][2]}
+        elif lowbit_info.arch == "sdxl":  # files written before the variant was recorded
+            allowed = {"SDXL", "SSD1B", "Segmind_Vega"}
+        else:
+            allowed = None
+        if model_config is None or (allowed and type(model_config).__name__ not in allowed):
+            raise UnsupportedModelError(
+                f"ComfyUI does not recognise this UNet as the SDXL {variant or lowbit_info.arch} it was quantized "
+                f"from (it detects {type(model_config).__name__ if model_config else 'nothing'}); the file does not "
+                "hold a supported SDXL model: re-create it from the original checkpoint")
     model_config = copy.deepcopy(model_config)  # never touch the config of another MODEL
+    sampling = None if lowbit_info.sampling is None else checked(lowbit_info.sampling)
+    if sampling is not None:  # the markers a checkpoint would hold: ComfyUI picks the model type as for it
+        logical.update({k: torch.tensor(v) for k, v in to_markers(sampling).items()})
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     unet_dtype = comfy.model_management.unet_dtype(model_params=sum(t.numel() for t in logical.values()),
@@ -78,6 +94,8 @@ def build_model(layers: dict, dense: dict, lowbit_info: Header, model_config=Non
     model_config.custom_operations = _meta_weight_ops(
         comfy.ops.pick_operations(unet_dtype, manual_cast, load_device=load_device))
     model = model_config.get_model(logical, "")
+    if sampling is not None:
+        set_sampling(model, sampling)
     unet = model.diffusion_model
     for name, layer in layers.items():
         set_submodule(unet, name, layer)
@@ -96,6 +114,71 @@ def build_model(layers: dict, dense: dict, lowbit_info: Header, model_config=Non
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.add_callback(CallbacksMP.ON_LOAD, attach_weight_patches)  # clones (e.g. LoraLoader's) keep it
     return patcher
+
+
+_PREDICTION_TYPES = {"eps": "EPS", "v_prediction": "V_PREDICTION", "edm": "EDM",
+                     "v_prediction_edm": "V_PREDICTION_EDM"}
+
+
+def sampling_of(model_patcher) -> dict:
+    """The prediction type and schedule a MODEL samples with (lowbit.quant_core.sampling_settings), including a
+    model_sampling / latent_format patch applied upstream (ModelSamplingDiscrete, ModelSamplingContinuousEDM).
+    What LowBit cannot record (flow shift, LCM, x0 and other schedules) is an error naming it."""
+    ms = model_patcher.get_model_object("model_sampling")
+    latent = type(model_patcher.get_model_object("latent_format")).__name__
+    ims = comfy.model_sampling
+    # ComfyUI makes every model_sampling as class ModelSampling(schedule, prediction) (model_base, the
+    # ModelSampling* nodes): the two bases say exactly what it does
+    bases = type(ms).__bases__
+    schedule, prediction = bases if len(bases) == 2 else (None, None)
+    if schedule is ims.ModelSamplingContinuousEDM and prediction in (ims.EDM, ims.V_PREDICTION):
+        low, high = _edm_range(ms)
+        return {"prediction": "edm" if prediction is ims.EDM else "v_prediction_edm", "zsnr": False,
+                "sigma_min": low, "sigma_max": high, "sigma_data": float(ms.sigma_data), "latent_format": latent}
+    if schedule is ims.ModelSamplingDiscrete and prediction in (ims.EPS, ims.V_PREDICTION):
+        # only the model's own beta schedule (with or without zero terminal SNR) can be rebuilt from the header
+        standard = ims.ModelSamplingDiscrete(model_patcher.model.model_config, zsnr=bool(ms.zsnr))
+        if standard.sigmas.shape == ms.sigmas.shape and torch.equal(standard.sigmas, ms.sigmas.cpu()):
+            return {"prediction": "eps" if prediction is ims.EPS else "v_prediction", "zsnr": bool(ms.zsnr),
+                    "sigma_min": None, "sigma_max": None, "sigma_data": None, "latent_format": latent}
+    raise LowBitError(f"this MODEL samples with {' + '.join(c.__name__ for c in bases)} "
+                      "that a LowBit file cannot record (it records eps / v-prediction on the model's discrete "
+                      "schedule, with or without zero terminal SNR, and EDM / v-EDM continuous schedules); quantize "
+                      "the MODEL before that patch and apply it again after loading the LowBit model")
+
+
+def _edm_range(ms) -> tuple:
+    """(sigma_min, sigma_max) a continuous EDM schedule was made with: its sigmas are exp(linspace(log min,
+    log max)) in float32, so the ends it stores are not the parameters; the shortest decimals that rebuild
+    exactly these sigmas are (0.002 and 80 for Playground, not 0.0019999999)."""
+    sigmas = ms.sigmas.cpu()
+    for digits in range(1, 18):
+        low, high = (float(f"{float(v):.{digits}g}") for v in (sigmas[0], sigmas[-1]))
+        if torch.equal(torch.linspace(math.log(low), math.log(high), len(sigmas)).exp(), sigmas):
+            return low, high
+    raise LowBitError("this MODEL's continuous EDM schedule is not a log-linear one LowBit can record; quantize "
+                      "the MODEL before the patch that made it and apply the patch again after loading")
+
+
+def set_sampling(model, sampling: dict) -> None:
+    """Give a freshly built BaseModel the recorded prediction type, schedule and latent format (what ComfyUI
+    builds for the original checkpoint; also what a MODEL's upstream model_sampling patch made it)."""
+    model_type = comfy.model_base.ModelType[_PREDICTION_TYPES[sampling["prediction"]]]
+    config = copy.copy(model.model_config)
+    config.sampling_settings = dict(config.sampling_settings)
+    if sampling["zsnr"]:
+        config.sampling_settings["zsnr"] = True
+    for key in ("sigma_min", "sigma_max", "sigma_data"):
+        if sampling[key] is not None:
+            config.sampling_settings[key] = sampling[key]
+    model.model_type = model_type
+    model.model_sampling = comfy.model_base.model_sampling(config, model_type)
+    latent = getattr(comfy.latent_formats, sampling["latent_format"], None)
+    if latent is None:
+        raise LowBitError(f"the file's latent format {sampling['latent_format']!r} is unknown to this ComfyUI; "
+                          "update ComfyUI")
+    model.latent_format = latent()
+    model.model_config.latent_format = model.latent_format
 
 
 def attach_weight_patches(patcher, *load_args):

@@ -15,7 +15,7 @@ from ..quant_core.methods import config_from, get_method
 from ..quant_core.methods.auto import with_size_target
 from ..quant_core.selection import choose_layers, select_layers
 from ..testbed.model import TESTBED_MODEL_CLASS, is_testbed_model
-from .comfy_model import UNetSource, build_model
+from .comfy_model import UNetSource, build_model, sampling_of
 from .options import QuantOptions
 from .progress import comfy_progress
 from .types import Calibration, Options
@@ -83,6 +83,8 @@ class LowBitQuantizeUNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, method, bits, group_size, calibration=None, options=None) -> io.NodeOutput:
         source = UNetSource.read(model)
+        testbed = is_testbed_model(model.model)
+        sampling = None if testbed else sampling_of(model)  # before the work: a MODEL it cannot record fails now
         quant_method = get_method(method)
         options = options or QuantOptions(method)
         config = method_config(method, bits, group_size, options)
@@ -113,7 +115,7 @@ class LowBitQuantizeUNet(io.ComfyNode):
         logging.info(f"LowBit: quantized in {time.perf_counter() - t0:.1f} s")
         unet_config = dict(source.unet_config)
         info = Header(method, described, unet_config.pop("arch"), unet_config,
-                      model_class=TESTBED_MODEL_CLASS if is_testbed_model(model.model) else None)
+                      model_class=TESTBED_MODEL_CLASS if testbed else None, sampling=sampling)
         dense = source.dense(qlayers)  # VQ's distillation retrains 16-bit tensors (norms, ...): those replace them
         dense.update({key: tensor.to(dense[key].dtype) for key, tensor in retrained.items()})
         out = build_model(qlayers, dense, info, model_config=model.model.model_config)

@@ -1,8 +1,11 @@
 """Recognise SDXL-family UNets from state-dict key names and shapes (no ComfyUI needed).
 
-Accepted: UNets in LDM/ComfyUI key layout with label_emb (pooled + size conditioning) and cross-attention,
-either bare or inside a checkpoint under `model.diffusion_model.`. SD1.x / SD2.x (no label_emb, context 768 /
-1024), the SDXL refiner and diffusers-layout files are rejected with the reason.
+Accepted: UNets in LDM/ComfyUI key layout with label_emb (pooled + size conditioning) and linear cross-attention,
+either bare or inside a checkpoint under `model.diffusion_model.`: the SDXL base and every SDXL-architecture
+variant ComfyUI 0.3.75's model detection knows (`VARIANTS`: inpainting 9-channel, instruct-pix2pix 8-channel,
+SSD-1B, Segmind Vega, KOALA 700M / 1B, the refiner), and other SDXL-structured UNets ("sdxl-family": the tests'
+tiny UNets, the testbed). SD1.x / SD2.x, SD2 unCLIP, Stable Video Diffusion and diffusers-layout files are
+rejected with the reason.
 """
 import re
 
@@ -10,6 +13,21 @@ from .errors import UnsupportedModelError
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
 SDXL_BASE = {"model_channels": 320, "context_dim": 2048, "adm_in_channels": 2816}
+SDXL_REFINER = {"model_channels": 384, "context_dim": 1280, "adm_in_channels": 2560}
+# variant -> (what identifies it besides SDXL_BASE / SDXL_REFINER: transformer depth per input ResBlock and input
+# channels; ComfyUI's supported_models class that runs it). Facts from ComfyUI 0.3.75 comfy/supported_models.py.
+VARIANTS = {
+    "base": ((0, 0, 2, 2, 10, 10), 4, "SDXL"),
+    "inpaint": ((0, 0, 2, 2, 10, 10), 9, "SDXL"),
+    "instruct-pix2pix": ((0, 0, 2, 2, 10, 10), 8, "SDXL_instructpix2pix"),
+    "ssd-1b": ((0, 0, 2, 2, 4, 4), 4, "SSD1B"),
+    "vega": ((0, 0, 1, 1, 2, 2), 4, "Segmind_Vega"),
+    "koala-700m": ((0, 2, 5), 4, "KOALA_700M"),
+    "koala-1b": ((0, 2, 6), 4, "KOALA_1B"),
+    "refiner": ((0, 0, 4, 4, 4, 4, 0, 0), 4, "SDXLRefiner"),
+}
+# the file's arch tag of each variant: the refiner has its own (other text encoder, no SDXL LoRA fits it)
+ARCH_OF_VARIANT = {v: "sdxl-refiner" if v == "refiner" else "sdxl" for v in VARIANTS}
 
 
 def unet_state_dict(sd: dict) -> dict:
@@ -42,6 +60,9 @@ def detect_unet_config(sd: dict) -> dict:
     tensors or shapes). Raises UnsupportedModelError naming the family it saw instead."""
     keys = list(sd)
     ctx = next((_shape(sd, k)[1] for k in keys if k.endswith("attn2.to_k.weight")), None)
+    if any(".time_stack." in k or ".time_mixer." in k for k in keys):
+        raise UnsupportedModelError("this is a video UNet (Stable Video Diffusion: temporal layers); LowBit "
+                                    "quantizes SDXL-family image UNets only")
     if "label_emb.0.0.weight" not in sd:
         family = {768: "SD1.x", 1024: "SD2.x"}.get(ctx, "a non-SDXL UNet")
         raise UnsupportedModelError(
@@ -69,12 +90,29 @@ def detect_unet_config(sd: dict) -> dict:
         "transformer_depth_output": depth_out[::-1],  # ComfyUI lists output depths last block first
         "use_linear_in_transformer": True,
     }
-    base = all(config[k] == v for k, v in SDXL_BASE.items())
-    if config["adm_in_channels"] == 2560:
-        raise UnsupportedModelError("this is the SDXL refiner (adm_in_channels 2560); LowBit supports the SDXL "
-                                    "base UNet and SDXL-architecture fine-tunes")
-    config["arch"] = "sdxl" if base else "sdxl-family"
+    if ctx == 1024:
+        raise UnsupportedModelError(f"this looks like SD2.x unCLIP (context_dim 1024, label_emb of "
+                                    f"{config['adm_in_channels']}); LowBit quantizes SDXL-family UNets only")
+    config["variant"] = variant_of(config)
+    config["arch"] = ARCH_OF_VARIANT.get(config["variant"], "sdxl-family")
     return config
+
+
+def variant_of(config: dict) -> str:
+    """The VARIANTS name of an architecture config (detect_unet_config's), or "custom" for other SDXL-structured
+    UNets; a UNet with SDXL's or the refiner's widths but a layout ComfyUI does not know is an error."""
+    for dims in (SDXL_BASE, SDXL_REFINER):
+        if all(config[k] == v for k, v in dims.items()):
+            break
+    else:
+        return "custom"
+    for name, (depth, in_channels, _) in VARIANTS.items():
+        if tuple(config["transformer_depth"]) == depth and config["in_channels"] == in_channels \
+                and (name == "refiner") == (dims is SDXL_REFINER):
+            return name
+    raise UnsupportedModelError(
+        f"SDXL-width UNet with transformer depths {config['transformer_depth']} and {config['in_channels']} input "
+        f"channels matches no SDXL variant ComfyUI can run ({', '.join(VARIANTS)}); LowBit cannot rebuild it")
 
 
 def conv_geometry(name: str, weight_shape) -> dict:

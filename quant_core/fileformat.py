@@ -21,11 +21,12 @@ from safetensors.torch import load_file, save_file
 from .errors import FileFormatError, LowBitError
 from .qlayers import QuantizedLayer, layer_from_header
 from .sdxl_shapes import uniform_bits_at_sdxl_shapes
+from .sampling_settings import checked
 
 FORMAT_VERSION = 1
 DENSE_DTYPE = torch.float16  # storage of every tensor that is not quantized
 META_KEY = "lowbit"
-SUPPORTED_ARCHS = ("sdxl", "sdxl-family")
+SUPPORTED_ARCHS = ("sdxl", "sdxl-refiner", "sdxl-family")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -108,6 +109,11 @@ def read_header(path) -> dict:
                               f"({', '.join(SUPPORTED_ARCHS)}); this file is not an SDXL LowBit file")
     if not isinstance(header.get("layers"), dict):
         raise FileFormatError(f"{os.fspath(path)}: LowBit header has no layer table; the file is corrupt")
+    if header.get("sampling") is not None:
+        try:
+            checked(header["sampling"])
+        except FileFormatError as e:
+            raise FileFormatError(f"{os.fspath(path)}: {e}") from None
     return header
 
 
@@ -173,8 +179,8 @@ class Header:
     method_config: dict
     arch: str = "sdxl"
     unet_config: dict = field(default_factory=dict)
-    model_type: Optional[str] = None  # "eps" / "v_prediction" where the source says (checkpoint files)
     model_class: Optional[str] = None  # the host model a loader must rebuild when not SDXL's ("lowbit-testbed")
+    sampling: Optional[dict] = None    # prediction and noise schedule (lowbit.quant_core.sampling_settings)
 
     def to_json(self, layer_table: dict) -> dict:
         """The file's JSON header with this information and the layer table."""
@@ -182,8 +188,9 @@ class Header:
         header = {"format_version": FORMAT_VERSION, "arch": self.arch, "method": self.method,
                   "method_config": self.method_config, "unet_config": self.unet_config, "layers": layer_table,
                   "writer": f"lowbit {__version__}"}
-        if self.model_type is not None:
-            header["model_type"] = self.model_type
+        if self.sampling is not None:
+            header["sampling"] = checked(self.sampling)
+            header["model_type"] = self.sampling["prediction"]  # what format 1 files before "sampling" said
         if self.model_class is not None:
             header["model_class"] = self.model_class
         return header
@@ -191,8 +198,11 @@ class Header:
     @classmethod
     def of(cls, header: dict) -> "Header":
         """The Header of a file's validated JSON header (read_header)."""
+        sampling = header.get("sampling")
+        if sampling is not None or header.get("model_type") is not None:
+            sampling = checked(sampling, header.get("model_type"))
         return cls(header.get("method"), header.get("method_config") or {}, header["arch"],
-                   header.get("unet_config") or {}, header.get("model_type"), header.get("model_class"))
+                   header.get("unet_config") or {}, header.get("model_class"), sampling)
 
 
 def atomic_write(path, write: Callable[[str], None], overwrite: bool = False) -> str:
@@ -248,6 +258,8 @@ def summarize(path) -> dict:
                           if k.rsplit(".", 1)[0] not in header["layers"] or k.endswith(".bias"))
     summary = {"format_version": header["format_version"], "arch": header["arch"], "method": header.get("method"),
                "method_config": header.get("method_config"),
+               "variant": (header.get("unet_config") or {}).get("variant"),
+               "prediction": (header.get("sampling") or {}).get("prediction", header.get("model_type")),
                "layouts": sorted({e["layout"] for e in header["layers"].values()}),
                **size_summary(q_weights, q_bytes, logical_params, sum(sizes.values()), len(header["layers"]),
                               [(e["layout"], e["params"]) for e in header["layers"].values()])}

@@ -12,6 +12,7 @@ from .errors import FileFormatError, LowBitError
 from .fileformat import Header, file_tensors, read_safetensors_header
 from .methods import method_for_config
 from .qlayers import split_result
+from .sampling_settings import MARKER_KEYS, from_markers
 from .selection import choose_layers, is_selected_name, select_layers
 
 
@@ -82,5 +83,12 @@ def quantize_checkpoint(path, config, progress=None, layers=None, calibration=No
              if k.rsplit(".", 1)[0] not in qlayers}
     tensors, table = file_tensors(qlayers, dense)
     header = Header(method.name, method.describe(config), unet_config.pop("arch"), unet_config,
-                    "v_prediction" if "v_pred" in sd else "eps").to_json(table)
+                    sampling=from_markers(read_markers(path), unet_config["variant"])).to_json(table)
     return tensors, header
+
+
+def read_markers(path) -> dict:
+    """The marker keys of a checkpoint that say its prediction type and schedule (sampling_settings), read."""
+    names = [k for k in read_safetensors_header(path) if k in MARKER_KEYS]
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in names}
