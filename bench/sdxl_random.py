@@ -324,6 +324,26 @@ def sdxl_random_checkpoint(seed: int = 0) -> Path:
     return cached(name, "sdxl_random_fp16", lambda p: _build_sdxl_checkpoint(p, seed))
 
 
+def _build_variant_unet(out: Path, variant: str, markers: dict, seed: int) -> None:
+    import torch
+    import_comfy_cpu()
+    import comfy.utils
+    sd = unet_state_dict(variant_unet_config(variant), seed)
+    sd.update({k: torch.tensor(float(v)) for k, v in markers.items()})
+    md = fixture_metadata("sdxl_variant_unet", seed, variant=variant, markers=json.dumps(markers, sort_keys=True))
+    comfy.utils.save_torch_file(sd, str(out), metadata=md)
+
+
+def sdxl_variant_unet(variant: str, markers: Optional[dict] = None, seed: int = 0) -> Path:
+    """Path of a cached random full-size UNet-only file (fp16) of an SDXL variant (SDXL_VARIANT_OVERRIDES), with
+    the checkpoint marker keys `markers` (name -> value, e.g. {"v_pred": 0, "ztsnr": 0}: see
+    lowbit.quant_core.sampling_settings) that make ComfyUI build it as a v-prediction / EDM model."""
+    markers = dict(markers or {})
+    suffix = "".join(f"_{k.replace('.', '-')}" for k in sorted(markers)) + ("" if seed == 0 else f"_seed{seed}")
+    return cached(f"sdxl_{variant}_unet_fp16{suffix}.safetensors", "sdxl_variant_unet",
+                  lambda p: _build_variant_unet(p, variant, markers, seed))
+
+
 def sdxl_random_checkpoint_in_child(seed: int = 0) -> Path:
     """`sdxl_random_checkpoint(seed)`, built (if missing) in a child process: the build puts ComfyUI in CPU mode,
     and the ~9 GB it touches go back to the OS."""

@@ -10,6 +10,7 @@ rejected with the reason.
 import re
 
 from .errors import UnsupportedModelError
+from .sampling_settings import MARKER_KEYS
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
 SDXL_BASE = {"model_channels": 320, "context_dim": 2048, "adm_in_channels": 2816}
@@ -34,8 +35,8 @@ def unet_state_dict(sd: dict) -> dict:
     """The UNet part of a checkpoint or bare UNet state dict, with keys relative to the diffusion model."""
     if any(k.startswith(CHECKPOINT_PREFIX) for k in sd):
         return {k[len(CHECKPOINT_PREFIX):]: v for k, v in sd.items() if k.startswith(CHECKPOINT_PREFIX)}
-    if "input_blocks.0.0.weight" in sd:
-        return dict(sd)
+    if "input_blocks.0.0.weight" in sd:  # a bare UNet file; its prediction-type markers are not UNet tensors
+        return {k: v for k, v in sd.items() if k not in MARKER_KEYS}
     if any(k.startswith(("down_blocks.", "unet.down_blocks.")) or k.startswith("conv_in.") for k in sd):
         raise UnsupportedModelError(
             "this is a diffusers-layout UNet; LowBit reads LDM/ComfyUI layout (keys 'input_blocks.*'): "

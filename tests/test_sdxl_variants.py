@@ -115,3 +115,52 @@ def test_upstream_model_sampling_patches_are_recorded_or_refused():
     refused.add_object_patch("model_sampling", X0Sampling(model.model_config))
     with pytest.raises(LowBitError, match="cannot record"):
         sampling_of(refused)
+
+
+@pytest.fixture(scope="module")
+def vpred_vega():
+    """A random full-size Segmind Vega UNet file marked v-prediction + zero terminal SNR (cached)."""
+    from lowbit.bench.sdxl_random import sdxl_variant_unet
+    return sdxl_variant_unet("vega", {"v_pred": 0.0, "ztsnr": 0.0})
+
+
+def test_a_vpred_ztsnr_model_quantized_in_comfyui_and_from_the_file_loads_as_comfyui_builds_it(vpred_vega, tmp_path):
+    """Quantized RTN W4 by LowBitQuantizeUNet from the MODEL ComfyUI's UNet loader builds, and by the CLI's path from
+    the file: both saved and loaded by LowBitLoadQuantizedUNet are the class, model type, model_sampling (classes,
+    sigmas) and latent format ComfyUI builds for the fp file, and compute bit-identically to the in-memory
+    quantized model (and to each other: the same codes from the same fp16 weights)."""
+    import comfy.sd
+    import folder_paths
+    from lowbit.nodes.load import LowBitLoadQuantizedUNet
+    from lowbit.nodes.quantize import LowBitQuantizeUNet
+    from lowbit.nodes.save import LowBitSaveQuantizedUNet
+    from lowbit.quant_core.fileformat import read_header, save
+    from lowbit.quant_core.methods import config_from
+    from lowbit.quant_core.unet_file import quantize_checkpoint
+    folder_paths.set_output_directory(str(tmp_path))
+    folder_paths.add_model_folder_path("diffusion_models", str(tmp_path / "diffusion_models"))
+    fp = comfy.sd.load_diffusion_model(str(vpred_vega))
+    assert type(fp.model.model_sampling).__bases__[1].__name__ == "V_PREDICTION" and fp.model.model_sampling.zsnr
+    quantized = LowBitQuantizeUNet.execute(fp, "rtn", 4, 128).result[0]
+    LowBitSaveQuantizedUNet.execute(quantized, "lowbit/vega")
+    tensors, header = quantize_checkpoint(vpred_vega, config_from("rtn", bits=4, group_size=128))
+    save(tmp_path / "diffusion_models" / "lowbit" / "vega_cli.safetensors", tensors, header)
+    del tensors
+    recorded = read_header(tmp_path / "diffusion_models" / "lowbit" / "vega_cli.safetensors")
+    assert recorded["sampling"] == SAMPLINGS["v_prediction_ztsnr"] and recorded["unet_config"]["variant"] == "vega"
+    loaded = LowBitLoadQuantizedUNet.execute("lowbit/vega_00001_.safetensors").result[0]
+    from_cli = LowBitLoadQuantizedUNet.execute("lowbit/vega_cli.safetensors").result[0]
+    for model in (quantized, loaded, from_cli):
+        assert type(model.model) is type(fp.model) and model.model.model_type == fp.model.model_type
+        assert type(model.model.model_sampling).__bases__ == type(fp.model.model_sampling).__bases__
+        assert torch.equal(model.model.model_sampling.sigmas, fp.model.model_sampling.sigmas)
+        assert type(model.model.latent_format) is type(fp.model.latent_format)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"x": torch.randn(1, 4, 8, 8, generator=g), "timesteps": torch.tensor([500.0]),
+              "context": torch.randn(1, 8, 2048, generator=g), "y": torch.randn(1, 2816, generator=g)}
+    with torch.no_grad():
+        out = quantized.model.diffusion_model(**inputs)
+        assert torch.equal(loaded.model.diffusion_model(**inputs), out)
+        assert torch.equal(from_cli.model.diffusion_model(**inputs), out)
+        reference = fp.model.diffusion_model(**{k: v.to(fp.model.get_dtype()) for k, v in inputs.items()}).float()
+    assert torch.isfinite(out).all() and (out.float() - reference).norm() / reference.norm() < 0.5
