@@ -75,7 +75,7 @@ def cmd_quantize(args):
     tensors, header = quantize_checkpoint(args.input, config, progress=_progress_bar(f"{args.method} quantize"),
                                          layers=args.layers, calibration=record, build_unet=comfy_unet,
                                          calibration_id="" if args.calib is None else os.path.abspath(args.calib),
-                                         resume=args.resume or None)
+                                         resume=args.resume or None, keep_clip_vae=args.keep_clip_vae)
     save(args.output, tensors, header, overwrite=args.overwrite)
     from .quant_core.fileformat import summarize
     report = summarize(args.output)
@@ -100,6 +100,9 @@ def build_parser():
                    "pcr, minmax and gptq/adaround rounding, makes vq Hessian-aware; runs the UNet through ComfyUI's "
                    "model classes")
     q.add_argument("--resume", default="", help="checkpoint folder: an interrupted run continues from it")
+    q.add_argument("--keep-clip-vae", action="store_true", help="write a one-file checkpoint: the quantized UNet "
+                   "plus the input checkpoint's text encoders and VAE in 16 bits (load it with Load LowBit "
+                   "Checkpoint)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     q.set_defaults(func=cmd_quantize)
     try:

@@ -127,7 +127,7 @@ class ComfyServer:
     """A ComfyUI server process in a temporary base directory.
 
     Layout under ``base_dir``: ``models/{checkpoints,diffusion_models,loras,controlnet}``,
-    ``output`` (+ ``output/diffusion_models``, also a ``diffusion_models`` search path),
+    ``output`` (+ ``output/diffusion_models`` and ``output/checkpoints``, also search paths of their kind),
     ``input``, ``user``, ``temp``, ``extra_model_paths.yaml``, ``comfyui.log``.
     ``checkpoint`` is symlinked as ``models/checkpoints/sdxl_random.safetensors``.
     """
@@ -192,7 +192,8 @@ class ComfyServer:
     def _prepare_dirs(self) -> Path:
         for kind in MODEL_DIRS:
             self.models_dir(kind).mkdir(parents=True, exist_ok=True)
-        for d in (self.output_dir, self.output_dir / "diffusion_models", self.input_dir, self.user_dir, self.temp_dir):
+        for d in (self.output_dir, self.output_dir / "diffusion_models", self.output_dir / "checkpoints",
+                  self.input_dir, self.user_dir, self.temp_dir):
             d.mkdir(parents=True, exist_ok=True)
         if self.checkpoint is not None:
             link = self.models_dir("checkpoints") / self.checkpoint_name
@@ -201,6 +202,7 @@ class ComfyServer:
             link.symlink_to(self.checkpoint.resolve())
         paths = {kind: [self.models_dir(kind)] for kind in MODEL_DIRS}
         paths["diffusion_models"].append(self.output_dir / "diffusion_models")
+        paths["checkpoints"].append(self.output_dir / "checkpoints")  # LowBitSaveCheckpoint's one-file checkpoints
         lines = ["lowbit_tests:"]
         for kind, dirs in paths.items():
             lines.append(f"  {kind}: |")

@@ -181,6 +181,35 @@ def set_sampling(model, sampling: dict) -> None:
     model.model_config.latent_format = model.latent_format
 
 
+def checkpoint_parts(model_patcher, clip, vae) -> dict:
+    """{"clip": ..., "vae": ...} state dicts under the keys a checkpoint of this model stores them, made by
+    ComfyUI's own saving path (as its CheckpointSave: CLIP weight patches such as a LoRA baked in)."""
+    config = model_patcher.model.model_config
+    parts = {}
+    if clip is not None:
+        comfy.model_management.load_models_gpu([clip.load_model()], force_patch_weights=True)
+        parts["clip"] = config.process_clip_state_dict_for_saving(clip.get_sd())
+    if vae is not None:
+        parts["vae"] = config.process_vae_state_dict_for_saving(vae.get_sd())
+    return parts
+
+
+def clip_and_vae(lowbit_file) -> tuple:
+    """(CLIP, VAE) of a one-file LowBit checkpoint, built by ComfyUI's checkpoint loader from the bundled tensors
+    (the UNet's logical shapes, on the meta device, let it detect the model family and its text encoders)."""
+    import folder_paths
+    import comfy.sd
+    logical = logical_state_dict(lowbit_file.layers, lowbit_file.dense)
+    sd = {**lowbit_file.bundled, **{f"model.diffusion_model.{k}": v for k, v in logical.items()}}
+    _, clip, vae, _ = comfy.sd.load_state_dict_guess_config(
+        sd, output_vae=True, output_clip=True, output_model=False,
+        embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    if clip is None:
+        raise LowBitError("ComfyUI found no text encoder in this LowBit checkpoint's bundled tensors; the file is "
+                          "damaged: save it again with Save LowBit Checkpoint")
+    return clip, vae
+
+
 def attach_weight_patches(patcher, *load_args):
     """After ComfyUI loads a LowBit MODEL: hand each quantized layer the weight patches (LoRA, ...) of the
     MODEL being loaded, applied to its dequantized weight at every forward (ComfyUI's own LowVramPatch does

@@ -2,6 +2,8 @@
 
 Tensors: for each quantized layer `<layer>.<packed tensor>` (per its layout) and `<layer>.bias`; every other
 UNet tensor under its own key (16-bit). Keys are relative to the diffusion model (ComfyUI layout).
+A one-file checkpoint also holds the text encoders and the VAE in 16 bits under the keys an SDXL checkpoint uses
+(`conditioner.embedders.*`, `first_stage_model.*`; BUNDLE_PREFIXES), and its header lists them in "bundled".
 Metadata: `lowbit` = JSON header (see README "File format"): format_version, arch, method, method_config,
 unet_config, layers {name: {kind, layout, params, weight_shape, weight_dtype, bias, conv?}}, plus extras a
 method stores (e.g. per-timestep activation parameters).
@@ -27,6 +29,8 @@ FORMAT_VERSION = 1
 DENSE_DTYPE = torch.float16  # storage of every tensor that is not quantized
 META_KEY = "lowbit"
 SUPPORTED_ARCHS = ("sdxl", "sdxl-refiner", "sdxl-family")
+# what a one-file checkpoint bundles besides the UNet, by the key prefixes SDXL checkpoints store it under
+BUNDLE_PREFIXES = {"clip": ("conditioner.", "cond_stage_model."), "vae": ("first_stage_model.",)}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -122,10 +126,16 @@ class LowBitFile:
     header: dict
     layers: dict = field(default_factory=dict)   # name -> QuantizedLayer
     dense: dict = field(default_factory=dict)    # key -> tensor (16-bit rest of the UNet)
+    bundled: dict = field(default_factory=dict)  # checkpoint key -> tensor (one-file checkpoints: CLIP, VAE)
 
     @property
     def info(self) -> "Header":
         return Header.of(self.header)
+
+    @property
+    def bundled_parts(self) -> list:
+        """What a one-file checkpoint holds besides the UNet ("clip", "vae"); empty for a UNet file."""
+        return list(self.header.get("bundled") or [])
 
 
 def load(path, device="cpu") -> LowBitFile:
@@ -135,6 +145,12 @@ def load(path, device="cpu") -> LowBitFile:
         tensors = load_file(os.fspath(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types
         raise FileFormatError(f"{os.fspath(path)}: cannot read tensors ({e}); the file is corrupt") from None
+    bundled = {k: tensors.pop(k) for k in [k for k in tensors if bundle_part(k)]}
+    missing = set(header.get("bundled") or ()) - {bundle_part(k) for k in bundled}
+    if missing or set(map(bundle_part, bundled)) - set(header.get("bundled") or ()):
+        raise FileFormatError(f"{os.fspath(path)}: the header bundles {header.get('bundled') or 'nothing'} but the "
+                              f"file holds {sorted(set(map(bundle_part, bundled))) or 'no'} CLIP/VAE tensors; the "
+                              "file is corrupt")
     layers = {}
     for name, entry in sorted(header["layers"].items()):
         prefix = name + "."
@@ -145,7 +161,28 @@ def load(path, device="cpu") -> LowBitFile:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FileFormatError(f"{os.fspath(path)}: tensor '{key}' holds NaN/inf; re-create the file from a "
                                   "finite model")
-    return LowBitFile(header, layers, tensors)
+    return LowBitFile(header, layers, tensors, bundled)
+
+
+def bundle(tensors: dict, header: dict, parts: dict) -> tuple[dict, dict]:
+    """(tensors, header) of a one-file checkpoint: the UNet's plus `parts` ({"clip"/"vae": {checkpoint key:
+    tensor}}) stored in 16 bits under their keys, which must be those SDXL checkpoints use (BUNDLE_PREFIXES)."""
+    out = dict(tensors)
+    for part, sd in parts.items():
+        wrong = [k for k in sd if bundle_part(k) != part]
+        if part not in BUNDLE_PREFIXES or not sd or wrong:
+            raise LowBitError(f"cannot bundle {part!r}: expected {', '.join(BUNDLE_PREFIXES)} tensors under "
+                              f"{BUNDLE_PREFIXES.get(part)} (got {len(sd)} tensors, e.g. {wrong[:2]}); nothing was "
+                              "written")
+        for key, t in sd.items():
+            t = t.detach().cpu()
+            out[key] = (t.to(DENSE_DTYPE) if t.is_floating_point() else t).contiguous()
+    return out, {**header, "bundled": sorted(parts)}
+
+
+def bundle_part(key: str):
+    """"clip" / "vae" for a checkpoint key of a bundled part (BUNDLE_PREFIXES), else None (a UNet key)."""
+    return next((part for part, prefixes in BUNDLE_PREFIXES.items() if key.startswith(prefixes)), None)
 
 
 def file_tensors(layers: dict, dense: dict, dense_dtype=DENSE_DTYPE) -> tuple[dict, dict]:
@@ -246,7 +283,10 @@ def summarize(path) -> dict:
     st = read_safetensors_header(path)
     header = read_header(path)
     sizes = tensor_bytes(st)
-    shapes = {k: v["shape"] for k, v in st.items() if k != "__metadata__"}
+    bundled = {}
+    for key in [k for k in sizes if bundle_part(k)]:  # a one-file checkpoint's CLIP/VAE: not UNet sizes
+        bundled[bundle_part(key)] = bundled.get(bundle_part(key), 0) + sizes.pop(key)
+    shapes = {k: v["shape"] for k, v in st.items() if k in sizes}
     q_bytes = q_weights = 0
     logical_params = 0
     for name, entry in header["layers"].items():
@@ -263,6 +303,8 @@ def summarize(path) -> dict:
                "layouts": sorted({e["layout"] for e in header["layers"].values()}),
                **size_summary(q_weights, q_bytes, logical_params, sum(sizes.values()), len(header["layers"]),
                               [(e["layout"], e["params"]) for e in header["layers"].values()])}
+    if bundled:
+        summary["bundled_bytes"] = bundled
     if len({format_name(e) for e in header["layers"].values()}) > 1:
         summary["formats"] = format_histogram(list(header["layers"].values()))
     from .actquant.summary import activation_summary  # the activation layers build on this module

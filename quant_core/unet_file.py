@@ -9,7 +9,7 @@ from torch import nn
 from .api import quantize_layers_of
 from .arch import CHECKPOINT_PREFIX, conv_geometry, detect_unet_config, unet_state_dict
 from .errors import FileFormatError, LowBitError
-from .fileformat import Header, file_tensors, read_safetensors_header
+from .fileformat import BUNDLE_PREFIXES, Header, bundle, bundle_part, file_tensors, read_safetensors_header
 from .methods import method_for_config
 from .qlayers import split_result
 from .sampling_settings import MARKER_KEYS, from_markers
@@ -54,13 +54,15 @@ def layer_modules(sd: dict) -> dict:
 
 
 def quantize_checkpoint(path, config, progress=None, layers=None, calibration=None, build_unet=None,
-                        **options) -> tuple[dict, dict]:
+                        keep_clip_vae=False, **options) -> tuple[dict, dict]:
     """(tensors, header) of the LowBit file for the UNet in `path`; `layers` chooses among the selectable layers
     as in lowbit.quant_core.api.quantize (None = all, a regular expression, a callable). Methods that run the
     UNet (calibrated methods, gptq/adaround rounding) need `calibration` and `build_unet(unet_state_dict)`, which
-    returns the runnable UNet module holding those weights (its module names are the state dict's); `options`
+    returns the runnable UNet module holding those weights (its module names are the state dict's);
+    `keep_clip_vae` makes a one-file checkpoint with the file's text encoders and VAE in 16 bits; `options`
     go to lowbit.quant_core.api.quantize_layers_of (resume, sampler, calibration_id)."""
     unet_config, sd = read_unet_state_dict(path)
+    parts = read_clip_vae(path) if keep_clip_vae else {}  # checked before the work
     for key, t in sd.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FileFormatError(f"{os.fspath(path)}: UNet tensor '{key}' holds NaN/inf; the checkpoint is broken")
@@ -84,7 +86,20 @@ def quantize_checkpoint(path, config, progress=None, layers=None, calibration=No
     tensors, table = file_tensors(qlayers, dense)
     header = Header(method.name, method.describe(config), unet_config.pop("arch"), unet_config,
                     sampling=from_markers(read_markers(path), unet_config["variant"])).to_json(table)
-    return tensors, header
+    return bundle(tensors, header, parts) if parts else (tensors, header)
+
+
+def read_clip_vae(path) -> dict:
+    """{"clip": ..., "vae": ...} tensors of a full checkpoint under their own keys; an error naming what is
+    missing otherwise."""
+    keys = [k for k in read_safetensors_header(path) if k != "__metadata__"]
+    found = {part: [k for k in keys if bundle_part(k) == part] for part in BUNDLE_PREFIXES}
+    if not all(found.values()):
+        missing = " and ".join(p for p, ks in found.items() if not ks)
+        raise LowBitError(f"{os.fspath(path)} has no {missing} (keys {', '.join(sum(BUNDLE_PREFIXES.values(), ()))}"
+                          "...): keeping CLIP and VAE needs a full SDXL checkpoint; quantize without keeping them")
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return {part: {k: f.get_tensor(k) for k in ks} for part, ks in found.items()}
 
 
 def read_markers(path) -> dict:

@@ -40,6 +40,9 @@ SOCKETS = {
                          [("options", "LOWBIT_OPTIONS")]),
     "LowBitSaveQuantizedUNet": ([("model", "MODEL")], ["filename_prefix"], [("path", "STRING")]),
     "LowBitLoadQuantizedUNet": ([], ["unet_name"], [("MODEL", "MODEL")]),
+    "LowBitSaveCheckpoint": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")], ["filename_prefix"],
+                             [("path", "STRING")]),
+    "LowBitCheckpointLoader": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "LowBitModelInfo": ([("model", "MODEL")], [], [("report", "STRING")]),
     "LowBitCompare": ([("fp_model", "MODEL"), ("quantized_model", "MODEL"), ("positive", "CONDITIONING"),
                        ("negative", "CONDITIONING"), ("vae", "VAE")],
@@ -160,6 +163,21 @@ WORKFLOWS = {
             "The everyday LowBit workflow: the quantized UNet from 'Load LowBit UNet' with CLIP and VAE from the "
             "original SDXL checkpoint. LoRA loaders, ControlNet and other model patches connect to the LowBit "
             "MODEL as usual.")}),
+    ],
+    "lowbit_save_checkpoint": [
+        node(1, "CheckpointLoaderSimple", [0, 200], {"ckpt_name": "sd_xl_base_1.0.safetensors"},
+             title="Original checkpoint (CLIP + VAE)"),
+        node(2, "LowBitLoadQuantizedUNet", [0, 420], {"unet_name": "lowbit/sdxl_rtn_w4g128_00001_.safetensors"}),
+        node(3, "LowBitSaveCheckpoint", [420, 200], {"filename_prefix": "lowbit/sdxl_rtn_w4g128"},
+             {"model": (2, 0), "clip": (1, 1), "vae": (1, 2)}),
+        node(4, "Note", [0, 680], {"text": (
+            "One file to share: the quantized UNet with the text encoders and VAE (16-bit) in "
+            "output/checkpoints/lowbit/...; move it to models/checkpoints and open it with 'Load LowBit "
+            "Checkpoint'.")}),
+    ],
+    "lowbit_checkpoint_generate": [
+        node(1, "LowBitCheckpointLoader", [0, 200], {"ckpt_name": "lowbit/sdxl_rtn_w4g128_00001_.safetensors"}),
+        *sdxl_generate((1, 0), 3, prefix="lowbit/generate"),
     ],
     "lowbit_compare": [
         *rtn_compare(node(1, "CheckpointLoaderSimple", [0, 200], {"ckpt_name": "sd_xl_base_1.0.safetensors"}),

@@ -90,6 +90,37 @@ def test_load_and_generate_reproduces_the_quantized_image(comfy_server, rtn_run)
     assert _pixels(images[0]) == _pixels(rtn_run["images"][0])  # same seed: the reloaded file samples identically
 
 
+def test_one_file_checkpoint_gives_the_same_image(comfy_server, rtn_run, sdxl_ckpt):
+    """The UNet file and the original checkpoint's CLIP and VAE saved as one file (LowBitSaveCheckpoint): it is
+    the UNet file plus the 16-bit CLIP/VAE tensors (and their header entries), loads through
+    LowBitCheckpointLoader and samples the quantize workflow's image exactly; a UNet-only LowBit file and a plain
+    checkpoint in that loader are refused with the way out."""
+    import shutil
+    from lowbit.bench.comfy_server import ComfyExecutionError
+    from lowbit.quant_core.fileformat import bundle_part, read_safetensors_header, summarize, tensor_bytes
+    history = comfy_server.run(load_api_workflow("lowbit_save_checkpoint", **{
+        "1__ckpt_name": "sdxl_random.safetensors", "2__unet_name": _unet_name(rtn_run["saved"]),
+        "3__filename_prefix": "e2e/onefile"}), timeout=1200)
+    path = Path(history["outputs"]["3"]["text"][0])
+    clip_vae = sum(b for k, b in tensor_bytes(read_safetensors_header(sdxl_ckpt)).items() if bundle_part(k))
+    extra = path.stat().st_size - Path(rtn_run["saved"]).stat().st_size - clip_vae
+    assert 0 < extra < 1_000_000, extra  # ~1 900 more tensor entries in the safetensors header
+    summary = summarize(path)
+    assert set(summary["bundled_bytes"]) == {"clip", "vae"} and summary["total_bytes"] == summarize(
+        rtn_run["saved"])["total_bytes"]
+    prompt = load_api_workflow("lowbit_checkpoint_generate", **{
+        "1__ckpt_name": "e2e/onefile_00001_.safetensors", "5__width": 64, "5__height": 64, "6__steps": 2,
+        "8__filename_prefix": "e2e/onefile"})
+    images = comfy_server.output_files(comfy_server.run(prompt, timeout=1200))
+    assert _pixels(images[0]) == _pixels(rtn_run["images"][0])
+    shutil.copy(rtn_run["saved"], comfy_server.models_dir("checkpoints") / "unet_only.safetensors")
+    for name, message in (("unet_only.safetensors", "only the UNet"), ("sdxl_random.safetensors", "not a LowBit")):
+        with pytest.raises(ComfyExecutionError) as error:
+            comfy_server.run(load_api_workflow("lowbit_checkpoint_generate", **{
+                "1__ckpt_name": name, "5__width": 64, "5__height": 64, "6__steps": 2}), timeout=600)
+        assert error.value.node_type == "LowBitCheckpointLoader" and message in error.value.exception_message
+
+
 def test_compare_workflow_reports_on_the_quantized_model(comfy_server):
     prompt = load_api_workflow("lowbit_compare", **{
         "1__ckpt_name": "sdxl_random.safetensors", "5__width": 64, "5__height": 64, "5__steps": 2})
