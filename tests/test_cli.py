@@ -59,6 +59,32 @@ def test_auto_meets_a_file_size_target(tiny_unet_file, tmp_path):
     assert r.returncode == 2 and "unreachable" in r.stderr and not (tmp_path / "small.safetensors").exists()
 
 
+def test_keep_clip_vae_writes_a_one_file_checkpoint(tiny_unet_file, tmp_path):
+    """--keep-clip-vae stores the checkpoint's text encoder and VAE tensors (16-bit, their own keys) beside the
+    quantized UNet, which is unchanged; a UNet-only input is refused, nothing written."""
+    from safetensors.torch import load_file
+    from lowbit.quant_core.fileformat import load
+    unet = load_file(str(tiny_unet_file))
+    extra = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.randn(8),
+             "first_stage_model.decoder.conv_out.weight": torch.randn(3, 8, 3, 3, dtype=torch.float64),
+             "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    save_file({**{f"model.diffusion_model.{k}": v for k, v in unet.items()}, **extra}, str(checkpoint))
+    one, plain = tmp_path / "one.safetensors", tmp_path / "plain.safetensors"
+    for args, out in ((("--keep-clip-vae",), one), ((), plain)):
+        r = lowbit("quantize", "--bits", 4, *args, checkpoint, out)
+        assert r.returncode == 0, r.stderr
+    f, g = load(one), load(plain)
+    assert f.bundled_parts == ["clip", "vae"] and not g.bundled_parts
+    assert set(f.bundled) == set(extra)
+    for k, t in extra.items():
+        assert torch.equal(f.bundled[k], t.half() if t.is_floating_point() else t)
+    assert f.dense.keys() == g.dense.keys() and all(torch.equal(f.dense[k], g.dense[k]) for k in f.dense)
+    assert json.loads(lowbit("info", one).stdout)["bundled_bytes"]["vae"] == 3 * 8 * 9 * 2
+    r = lowbit("quantize", "--keep-clip-vae", tiny_unet_file, tmp_path / "none.safetensors")
+    assert r.returncode == 2 and "has no clip and vae" in r.stderr and not (tmp_path / "none.safetensors").exists()
+
+
 def test_existing_output_is_not_overwritten(tiny_unet_file, tmp_path):
     out = tmp_path / "exists.safetensors"
     out.write_bytes(b"keep me")
