@@ -11,6 +11,7 @@ import torch
 from lowbit.quant_core.arch import VARIANTS, detect_unet_config
 from lowbit.quant_core.errors import UnsupportedModelError
 from lowbit.quant_core.sampling_settings import EPS, checked, from_markers, to_markers
+from lowbit.quant_core.unet_file import layer_modules
 
 pytestmark = pytest.mark.usefixtures("comfy_env_module")  # ComfyUI imported in CPU mode
 
@@ -42,6 +43,12 @@ def test_every_variant_is_detected_as_comfyui_detects_it(variant):
     assert config["arch"] == ("sdxl-refiner" if variant == "refiner" else "sdxl")
     comfy_config = comfy.model_detection.model_config_from_unet(sd, "")
     assert type(comfy_config).__name__ == VARIANTS[variant][2]
+    # quantized like the base: every Linear/Conv2d in the blocks, each readable as a layer of the file
+    layers = layer_modules({k: v for k, v in sd.items()})
+    in_blocks = {k.rsplit(".", 1)[0] for k, v in sd.items() if k.endswith(".weight") and v.dim() in (2, 4)
+                 and k.startswith(("input_blocks.", "middle_block.", "output_blocks."))
+                 and not k.startswith("input_blocks.0.") and ".emb_layers." not in k}
+    assert set(layers) == in_blocks and len(layers) > 100
 
 
 def test_other_families_are_rejected_by_name():
