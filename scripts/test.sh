@@ -4,4 +4,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+# -P: the repository root is not put on sys.path, so its top-level folders (kernels/, nodes/) never shadow
+# packages of the same name that diffusers/transformers and ComfyUI import
+exec .venv/bin/python -P -m pytest "$@"
