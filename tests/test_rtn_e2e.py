@@ -250,6 +250,31 @@ def test_quantized_output_error_is_bounded(w4_file, fp_model, unet_inputs):
     assert torch.equal(_unet_out(fp_model, unet_inputs), ref)
 
 
+def test_the_saved_file_computes_the_same_in_diffusers(w4_file, unet_inputs):
+    """The full-size SDXL W4 file loaded by LowBitLoadQuantizedUNet (ComfyUI's UNetModel) and by
+    lowbit.diffusers_glue.unet.load_unet (diffusers' UNet2DConditionModel, config derived from the file): same
+    latent, timesteps and text; diffusers builds the size vector from time_ids, ComfyUI is handed that vector.
+    Equal to float32 rounding of two attention / normalisation implementations (measured ~1e-6 relative)."""
+    import folder_paths
+    from lowbit.diffusers_glue.unet import load_unet
+    from lowbit.nodes.load import LowBitLoadQuantizedUNet
+    name = _unet_name(w4_file)
+    folder_paths.add_model_folder_path("diffusion_models", w4_file[:-len(name)].rstrip("/"))
+    comfy_model = LowBitLoadQuantizedUNet.execute(name).result[0]
+    unet = load_unet(w4_file, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    pooled = torch.randn(2, 1280, generator=g)
+    ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [832.0, 1216, 0, 64, 832, 1216]])
+    y = torch.cat([pooled, unet.add_time_proj(ids.flatten()).reshape(2, -1)], dim=1)
+    inputs = {**unet_inputs, "y": y}
+    expected = _unet_out(comfy_model, inputs)
+    with torch.no_grad():
+        out = unet(inputs["x"], inputs["timesteps"], encoder_hidden_states=inputs["context"],
+                   added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    print(f"ComfyUI vs diffusers, full-size SDXL W4 file: relative difference {_rel_err(out, expected):.2e}")
+    assert _rel_err(out, expected) < 1e-4
+
+
 def test_calibrate_records_comfy_sampling_and_leaves_the_model_unchanged(fp_model, unet_inputs, tmp_path):
     import folder_paths
     from lowbit.nodes.calibrate import LowBitCalibrate
