@@ -250,7 +250,7 @@ def test_quantized_output_error_is_bounded(w4_file, fp_model, unet_inputs):
     assert torch.equal(_unet_out(fp_model, unet_inputs), ref)
 
 
-def test_the_saved_file_computes_the_same_in_diffusers(w4_file, unet_inputs):
+def test_the_saved_file_computes_the_same_in_diffusers(comfy_env_module, w4_file, unet_inputs):
     """The full-size SDXL W4 file loaded by LowBitLoadQuantizedUNet (ComfyUI's UNetModel) and by
     lowbit.diffusers_glue.unet.load_unet (diffusers' UNet2DConditionModel, config derived from the file): same
     latent, timesteps and text; diffusers builds the size vector from time_ids, ComfyUI is handed that vector.
