@@ -9,8 +9,8 @@ so budgets are in the bits a file really stores.
 
 Allocation: minimise Σ_layers sensitivity(layer, format) subject to Σ stored bits ≤ budget, a multiple-choice
 knapsack solved exactly by dynamic programming over the budget cut into `BUDGET_UNITS` units; a layer's bits are
-rounded to the nearest unit, so the total can differ from the exact sum by a few units in 10⁵ (the exact total is
-computed afterwards and reported).
+rounded up to whole units, so the chosen formats never store more than the budget, and at most one unit per layer
+of it (771 / 200 000 for SDXL, 0.4%) goes unused (the exact total is computed afterwards and reported).
 """
 import math
 import re
@@ -24,7 +24,7 @@ from .layouts import get_layout
 from .layouts.int_affine import SUPPORTED_BITS, quantize_int_affine
 from .vq_codec import fit_vq
 
-BUDGET_UNITS = 50_000
+BUDGET_UNITS = 200_000
 RTN_DEFAULT_GROUP = 128
 VQ_GROUP = 8
 _VQ = re.compile(r"vq(\d)")
@@ -115,7 +115,7 @@ def allocate(bits: np.ndarray, sensitivity: np.ndarray, budget_bits: float, form
                           f"store on these layers, so it cannot be met: add a larger format (fp16) or lower the "
                           "target")
     unit = max(budget_bits, 1) / BUDGET_UNITS
-    cost = np.where(np.isinf(bits), BUDGET_UNITS + 1, np.rint(bits / unit)).astype(np.int64)
+    cost = np.where(np.isinf(bits), BUDGET_UNITS + 1, np.ceil(bits / unit * (1 - 1e-12))).astype(np.int64)
     best = np.zeros(BUDGET_UNITS + 1)      # minimal Σ sensitivity of the layers so far within b units
     choice = np.zeros((len(bits), BUDGET_UNITS + 1), dtype=np.int8)
     for i in range(len(bits)):
