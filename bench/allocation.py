@@ -13,6 +13,7 @@ Writes JSON (default bench/results/allocation_sdxl.json).
 """
 import json
 import os
+from collections import Counter
 import tempfile
 import time
 from dataclasses import replace
@@ -33,6 +34,7 @@ def add_arguments(p):
 
 def run(args):
     from ..quant_core.fileformat import save
+    from ..quant_core.layouts import matrix_view
     from ..quant_core.methods.auto import Auto, AutoConfig, fixed_bytes, with_size_target
     from ..quant_core.unet_file import layer_modules, quantize_checkpoint, read_unet_state_dict
     from .sdxl_random import sdxl_random_checkpoint_in_child
@@ -59,12 +61,12 @@ def run(args):
             t0 = time.perf_counter()
             chosen = method.allocation(layers, config, measure, table)
             allocation_s = time.perf_counter() - t0
-            stored = sum(chosen[n].stored_bits(*_matrix_shape(m)) for n, m in layers.items())
+            stored = sum(chosen[n].stored_bits(*matrix_view(m.weight).shape) for n, m in layers.items())
             row = {"candidates": candidates, "target_gb": gb, "target_bits": round(config.target_bits, 4),
                    "stored_bits_per_weight": round(stored / weights, 4),
                    "allocated_gb": round((stored / 8 + fixed_bytes(config, layers, rest)) / 1e9, 5),
                    "sensitivity_seconds": round(sensitivity_s, 1), "allocation_seconds": round(allocation_s, 1),
-                   "formats": _histogram(chosen)}
+                   "formats": dict(Counter(f.name for f in chosen.values()))}
             if not has_vq:
                 t0 = time.perf_counter()
                 tensors, header = quantize_checkpoint(checkpoint, config)
@@ -82,14 +84,3 @@ def run(args):
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 
-
-def _matrix_shape(module) -> tuple:
-    w = module.weight
-    return w.shape[0], w[0].numel()
-
-
-def _histogram(chosen: dict) -> dict:
-    counts = {}
-    for fmt in chosen.values():
-        counts[fmt.name] = counts.get(fmt.name, 0) + 1
-    return counts

@@ -27,7 +27,7 @@ from ..quant_core.arch import VARIANTS, detect_unet_config
 from ..quant_core.errors import LowBitError, UnsupportedModelError
 from ..quant_core.fileformat import DENSE_DTYPE, Header
 from ..quant_core.qlayers import QuantizedLayer, set_submodule
-from ..quant_core.sampling_settings import checked, to_markers
+from ..quant_core.sampling_settings import checked
 from ..quant_core.selection import select_layers
 from ..testbed.model import TESTBED_MODEL_CLASS, testbed_model_config
 
@@ -79,8 +79,6 @@ def build_model(layers: dict, dense: dict, lowbit_info: Header, model_config=Non
                 "hold a supported SDXL model: re-create it from the original checkpoint")
     model_config = copy.deepcopy(model_config)  # never touch the config of another MODEL
     sampling = None if lowbit_info.sampling is None else checked(lowbit_info.sampling)
-    if sampling is not None:  # the markers a checkpoint would hold: ComfyUI picks the model type as for it
-        logical.update({k: torch.tensor(v) for k, v in to_markers(sampling).items()})
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     unet_dtype = comfy.model_management.unet_dtype(model_params=sum(t.numel() for t in logical.values()),

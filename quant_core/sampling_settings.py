@@ -38,7 +38,7 @@ def from_markers(markers: dict, variant: str = "base") -> dict:
 
 def to_markers(sampling: dict) -> dict:
     """Marker keys (name -> float) that make ComfyUI's detection pick `sampling`'s prediction and schedule:
-    what a single-file checkpoint of that model holds (test fixtures, one-file LowBit checkpoints)."""
+    what a single-file checkpoint of that model holds (the tests build such checkpoints with it)."""
     kind = sampling["prediction"]
     if kind == "edm":
         return {"edm_mean": 0.0, "edm_std": 1.0}
